@@ -1,0 +1,3 @@
+from mimlab.cli import main
+
+raise SystemExit(main())
