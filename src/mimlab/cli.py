@@ -17,6 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "data": ("mimlab.data.cli", "write the built-in formula-driven datasets to disk"),
     "pretrain": ("mimlab.pretrain.cli", "SimMIM, MAE or supervised pretraining of a timm ViT/Swin"),
     "probe": ("mimlab.probe.cli", "exact streaming attention and CKA metrics, tables, figures, report"),
+    "transfer": ("mimlab.transfer.cli", "fine-tune and evaluate on classification, keypoints, depth, tracking"),
     "demo": ("mimlab.demo", "the built-in end-to-end demo (what `make demo` runs)"),
 }
 

@@ -1,0 +1,1 @@
+"""Models: build timm models by name, import checkpoints, and describe their token layout."""

@@ -1,0 +1,359 @@
+"""`probe(...)`: one streaming pass over the images through every model, statistics accumulated in float64.
+
+Per batch and model: the model runs its normal forward (fused attention); `capture` hands each block's (q, k, bias)
+to `_ModelProbe.on_attention`, which turns them into per-image, per-head statistics chunk by chunk (no attention map
+outlives its chunk); block outputs become float64 Gram matrices for CKA. After every model has seen the batch, the
+per-image values go into streaming means with a shared Poisson bootstrap, and the Grams into minibatch HSIC.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mimlab.errors import MimlabError
+from mimlab.models.layout import TokenLayout, attention_modules, block_modules, inspect_layout
+from mimlab.probe.accumulate import StreamingMean, percentile_ci
+from mimlab.probe.attention_stats import METRICS, ChunkSums, attention_logits, chunk_sums, finalize_image_stats
+from mimlab.probe.capture import CaptureError, SDPACall, capture_attention
+from mimlab.probe.cka import MinibatchCKA, gram_linear
+
+CKA_FEATURES = ("flatten", "mean", "cls")
+
+
+@dataclass
+class ProbeConfig:
+    """Every convention of the metrics is a parameter (defaults as in docs/metrics.md)."""
+
+    renormalize: bool = True          # drop prefix keys and renormalise patch attention rows
+    kl_eps: float = 1e-8              # eps inside the log of the KL divergence
+    nmi_norm: str = "geometric"       # I / sqrt(H(Q) H(K)), or "arithmetic": I / ((H(Q)+H(K))/2)
+    cka: bool = True
+    cka_features: str = "flatten"     # block output flattened over tokens | mean of patch tokens | first prefix token
+    bootstrap: int = 200              # Poisson bootstrap replicates for CIs (0 = none)
+    ci_level: float = 0.95
+    stats_dtype: str = "float32"      # dtype of the per-chunk attention math; sums are always float64
+    chunk_elements: int = 1 << 22     # max logits elements per chunk (memory bound of the attention statistics)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.cka_features not in CKA_FEATURES:
+            raise MimlabError(f"--cka-features must be one of {', '.join(CKA_FEATURES)}, not '{self.cka_features}'")
+        if self.stats_dtype not in ("float32", "float64"):
+            raise MimlabError(f"stats dtype must be float32 or float64, not '{self.stats_dtype}'")
+        if self.nmi_norm not in ("geometric", "arithmetic"):
+            raise MimlabError(f"--nmi-norm must be geometric or arithmetic, not '{self.nmi_norm}'")
+        if self.bootstrap < 0:
+            raise MimlabError("--bootstrap must be >= 0")
+
+
+@dataclass
+class ProbeModel:
+    """A model to probe plus what the output should say about it."""
+
+    label: str
+    model: nn.Module
+    arch: str | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    random_init: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _ModelProbe:
+    """Per-model state: layout, watched modules, accumulators, this batch's buffers."""
+
+    def __init__(self, pm: ProbeModel, cfg: ProbeConfig, device: torch.device):
+        self.pm = pm
+        self.cfg = cfg
+        self.model = pm.model
+        self.layout: TokenLayout = inspect_layout(self.model)
+        self.attn = attention_modules(self.model)
+        self.blocks = block_modules(self.model)
+        self.index = {name: i for i, (name, _) in enumerate(self.attn)}
+        self.num_heads = [int(getattr(m, "num_heads", 0)) for _, m in self.attn]
+        self.dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
+        self.dist = self.layout.distance_matrix_px().to(device=device, dtype=self.dtype)
+        self.uniform = self.layout.uniform_distance_px()
+        self.means: list[StreamingMean | None] = [None] * len(self.attn)
+        self.batch_values: list[torch.Tensor | None] = [None] * len(self.attn)
+        self.batch_grams: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.max_rowsum_err = 0.0
+        if cfg.cka_features == "cls" and self.layout.num_prefix_tokens == 0:
+            raise MimlabError(f"{pm.label}: --cka-features cls needs a prefix token; this model has none")
+
+    # -- attention ------------------------------------------------------------------------------------------
+    def on_attention(self, name: str, call: SDPACall) -> None:
+        li = self.index[name]
+        q, k = call.q, call.k
+        if q.dim() != 4:
+            raise CaptureError(f"{self.pm.label}/{name}: expected q of shape (B, H, N, d), got {tuple(q.shape)}")
+        B, H, N, _ = q.shape
+        P = self.layout.num_prefix_tokens
+        if N != self.layout.num_tokens or k.shape[-2] != N:
+            raise CaptureError(
+                f"{self.pm.label}/{name}: attention sees {N} queries x {k.shape[-2]} keys but the inspected layout is "
+                f"{P} prefix + {self.layout.grid[0]}x{self.layout.grid[1]} patches = {self.layout.num_tokens} tokens")
+        mask = call.attn_mask
+        if mask is not None:
+            while mask.dim() < 4:
+                mask = mask.unsqueeze(0)
+        qd, kd = q.to(self.dtype), k.to(self.dtype)
+        nq_total = N - P
+        per_image = H * nq_total * N
+        b_chunk = max(1, self.cfg.chunk_elements // max(per_image, 1))
+        q_chunk = nq_total if b_chunk > 1 or per_image <= self.cfg.chunk_elements else \
+            max(1, self.cfg.chunk_elements // (H * N))
+        values = []
+        for b0 in range(0, B, b_chunk):
+            b1 = min(B, b0 + b_chunk)
+            sums: ChunkSums | None = None
+            for q0 in range(P, N, q_chunk):
+                q1 = min(N, q0 + q_chunk)
+                m = None
+                if mask is not None:
+                    m = mask[b0:b1] if mask.shape[0] == B else mask
+                    m = m[..., q0:q1, :]
+                logits = attention_logits(qd[b0:b1, :, q0:q1], kd[b0:b1], m, call.scale, call.is_causal, q0)
+                try:
+                    part = chunk_sums(logits, num_prefix=P, dist_rows=self.dist[q0 - P:q1 - P],
+                                      eps=self.cfg.kl_eps, renormalize=self.cfg.renormalize)
+                except FloatingPointError as e:
+                    raise MimlabError(f"{self.pm.label}/{name}: {e}") from None
+                if sums is None:
+                    sums = part
+                else:
+                    sums += part
+            assert sums is not None
+            self.max_rowsum_err = max(self.max_rowsum_err, sums.rowsum_err)
+            if sums.rowsum_err > 1e-3:
+                raise CaptureError(f"{self.pm.label}/{name}: captured attention rows do not sum to 1 "
+                                   f"(max error {sums.rowsum_err:.2e})")
+            vals = finalize_image_stats(sums, nq_total, self.uniform, self.cfg.nmi_norm)
+            values.append(torch.stack([vals[m_] for m_ in METRICS], dim=-1))   # (b, H, M)
+        self.batch_values[li] = torch.cat(values, 0)
+
+    # -- CKA features -----------------------------------------------------------------------------------------
+    def block_hook(self, index: int):
+        def hook(module, args, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            if not torch.isfinite(x).all():
+                raise MimlabError(f"{self.pm.label}: non-finite values (NaN/inf) in the output of {self.blocks[index][0]}")
+            if not self.cfg.cka:
+                return
+            P = self.layout.num_prefix_tokens
+            if self.cfg.cka_features == "flatten":
+                feats = x
+            elif self.cfg.cka_features == "mean":
+                feats = x[:, P:].mean(1)
+            else:
+                feats = x[:, 0]
+            self.batch_grams[index] = gram_linear(feats)
+        return hook
+
+    # -- per batch ----------------------------------------------------------------------------------------------
+    def run_batch(self, x: torch.Tensor, weights: torch.Tensor | None, autocast: torch.autocast | None) -> None:
+        self.batch_values = [None] * len(self.attn)
+        self.batch_grams = [None] * len(self.blocks)
+        handles = [m.register_forward_hook(self.block_hook(i)) for i, (_, m) in enumerate(self.blocks)]
+        try:
+            with capture_attention(self.attn, self.on_attention):
+                if autocast is not None:
+                    with autocast:
+                        self.model.forward_features(x)
+                else:
+                    self.model.forward_features(x)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [self.attn[i][0] for i, v in enumerate(self.batch_values) if v is None]
+        if missing:
+            raise CaptureError(f"{self.pm.label}: no attention captured for {', '.join(missing)}")
+        for li, v in enumerate(self.batch_values):
+            if self.means[li] is None:
+                self.means[li] = StreamingMean(tuple(v.shape[1:]), bootstrap=self.cfg.bootstrap, seed=self.cfg.seed)
+                self.num_heads[li] = v.shape[1]
+            self.means[li].update(v, weights)
+
+    # -- result -------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        layers = []
+        for li, (name, _) in enumerate(self.attn):
+            acc = self.means[li]
+            mean = acc.mean()                                  # (H, M)
+            entry: dict[str, Any] = {"name": name, "stage": None, "num_heads": int(mean.shape[0])}
+            for mi, metric in enumerate(METRICS):
+                entry[metric] = mean[:, mi].tolist()
+            entry["layer_mean"] = {metric: float(mean[:, mi].mean()) for mi, metric in enumerate(METRICS)}
+            reps = acc.replicate_means()
+            if reps is not None and reps.shape[0] >= 2:
+                lo, hi = percentile_ci(reps, self.cfg.ci_level)          # (H, M)
+                llo, lhi = percentile_ci(reps.mean(1), self.cfg.ci_level)  # (M,)
+                entry["ci"] = {metric: {"low": lo[:, mi].tolist(), "high": hi[:, mi].tolist()}
+                               for mi, metric in enumerate(METRICS)}
+                entry["layer_ci"] = {metric: [float(llo[mi]), float(lhi[mi])] for mi, metric in enumerate(METRICS)}
+            layers.append(entry)
+        pm = self.pm
+        out = {"arch": pm.arch or type(self.model).__name__, "checkpoint": pm.checkpoint,
+               "checkpoint_sha256": pm.checkpoint_sha256, "random_init": bool(pm.random_init), "family": "vit",
+               **self.layout.to_dict(), "uniform_distance_px": self.uniform,
+               "max_rowsum_error": self.max_rowsum_err, "layers": layers}
+        out.update(pm.extra)
+        return out
+
+
+@dataclass
+class ProbeResult:
+    num_images: int
+    config: ProbeConfig
+    models: dict[str, dict[str, Any]]
+    cka: dict[str, list[list[float]]]
+    cka_info: dict[str, Any]
+    seconds: float
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        import mimlab
+
+        cfg = self.config
+        return {
+            "mimlab_version": mimlab.__version__,
+            "num_images": self.num_images,
+            "seed": cfg.seed,
+            "config": {"renormalize_patch_attention": cfg.renormalize, "kl_eps": cfg.kl_eps, "log": "natural",
+                       "nmi_norm": cfg.nmi_norm, "bootstrap": cfg.bootstrap, "ci_level": cfg.ci_level,
+                       "stats_dtype": cfg.stats_dtype, "ci_method": "poisson_bootstrap_percentile"},
+            "models": self.models,
+            "cka": self.cka,
+            "cka_config": self.cka_info,
+            "seconds": self.seconds,
+            "provenance": self.provenance,
+        }
+
+    def save(self, out_dir, *, report: bool = True) -> dict[str, Any]:
+        """Write metrics.json (+ tables, figures and report.html when `report`) into out_dir; return the paths."""
+        from pathlib import Path
+
+        from mimlab.utils.io import atomic_write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        atomic_write_json(out / "metrics.json", data)
+        paths: dict[str, Any] = {"metrics": out / "metrics.json"}
+        if report:
+            from mimlab.report.html import render_all
+
+            paths.update(render_all(data, out))
+        return paths
+
+
+def _as_probe_models(models) -> list[ProbeModel]:
+    if isinstance(models, Mapping):
+        models = [ProbeModel(label=str(k), model=v) if not isinstance(v, ProbeModel) else v for k, v in models.items()]
+    out = list(models)
+    labels = [m.label for m in out]
+    if len(set(labels)) != len(labels):
+        raise MimlabError(f"model labels must be unique, got {labels}")
+    if not out:
+        raise MimlabError("no models to probe")
+    return out
+
+
+def _batches(images, batch_size: int, num_models: int) -> Iterable[tuple[torch.Tensor, ...]]:
+    """Tensor (N,3,H,W) -> consecutive chunks (shared by all models); an iterable yields its own batches."""
+    if isinstance(images, torch.Tensor):
+        for i in range(0, images.shape[0], batch_size):
+            yield (images[i:i + batch_size],) * num_models
+    else:
+        for batch in images:
+            if isinstance(batch, torch.Tensor):
+                batch = (batch,) * num_models
+            yield tuple(batch)
+
+
+@torch.inference_mode()
+def probe(models: Mapping[str, nn.Module] | Sequence[ProbeModel], images, *, batch_size: int = 32,
+          device: str | torch.device = "cpu", seed: int = 0, cka: bool = True, bootstrap: int = 200,
+          precision: str = "fp32", config: ProbeConfig | None = None, num_images: int | None = None,
+          progress: bool = False) -> ProbeResult:
+    """Probe every model on the same images in the same order.
+
+    `images`: a tensor (N, 3, H, W), already normalised, shared by all models; or an iterable of batches, each a
+    tuple with one tensor per model (in model order), as built by `mimlab.probe.run` from an image folder.
+    CKA minibatches are the consecutive batches in that order (unbiased HSIC needs >= 4 images per batch; a
+    smaller last batch is left out of CKA and reported in `cka_config`).
+    """
+    cfg = config or ProbeConfig(cka=cka, bootstrap=bootstrap, seed=seed)
+    cfg.validate()
+    dev = torch.device(device)
+    pms = _as_probe_models(models)
+    probes = []
+    for pm in pms:
+        pm.model.eval().to(dev)
+        probes.append(_ModelProbe(pm, cfg, dev))
+    autocast = None
+    if precision in ("bf16", "fp16"):
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    elif precision != "fp32":
+        raise MimlabError(f"--precision must be fp32, bf16 or fp16, not '{precision}'")
+    total = num_images if num_images is not None else (images.shape[0] if isinstance(images, torch.Tensor) else None)
+    layer_counts = [len(p.blocks) for p in probes]
+    cka_acc = MinibatchCKA(sum(layer_counts)) if cfg.cka else None
+    weight_gen = StreamingMean((1,), bootstrap=cfg.bootstrap, seed=cfg.seed + 1) if cfg.bootstrap else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="img", desc="probe", dynamic_ncols=True)
+    seen = 0
+    t0 = time.perf_counter()
+    try:
+        for batch in _batches(images, batch_size, len(probes)):
+            if len(batch) != len(probes):
+                raise MimlabError(f"each batch must hold one tensor per model ({len(probes)}), got {len(batch)}")
+            b = batch[0].shape[0]
+            weights = weight_gen.draw_weights(b) if weight_gen is not None else None
+            for p, x in zip(probes, batch):
+                p.run_batch(x.to(dev, non_blocking=True), weights, autocast)
+            if cka_acc is not None:
+                cka_acc.update(torch.cat([torch.stack(p.batch_grams) for p in probes], 0))
+            seen += b
+            if bar is not None:
+                bar.update(b)
+    finally:
+        if bar is not None:
+            bar.close()
+    if seen == 0:
+        raise MimlabError("no images to probe")
+    seconds = time.perf_counter() - t0
+    cka_out: dict[str, list[list[float]]] = {}
+    cka_info: dict[str, Any] = {"enabled": cfg.cka}
+    if cka_acc is not None:
+        if cka_acc.num_batches == 0:
+            raise MimlabError(f"CKA needs a batch of at least 4 images (got {seen} image(s) with batch size "
+                              f"{batch_size}); use more images or --no-cka")
+        full = cka_acc.result()
+        offsets = [0]
+        for c in layer_counts:
+            offsets.append(offsets[-1] + c)
+        for i, pa in enumerate(probes):
+            for j, pb in enumerate(probes):
+                blk = full[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]]
+                cka_out[f"{pa.pm.label}/{pb.pm.label}"] = blk.tolist()
+        cka_info.update({"features": cfg.cka_features, "batch_size": batch_size, "num_batches": cka_acc.num_batches,
+                         "num_images": cka_acc.num_samples, "images_left_out": cka_acc.skipped_samples,
+                         "estimator": "unbiased_minibatch", "dtype": "float64"})
+    models_out = {p.pm.label: p.to_dict() for p in probes}
+    from mimlab.utils.provenance import provenance
+
+    return ProbeResult(num_images=seen, config=cfg, models=models_out, cka=cka_out, cka_info=cka_info,
+                       seconds=seconds, provenance=provenance(device=str(dev), precision=precision))
+
+
+def images_per_second(result: ProbeResult) -> float:
+    return result.num_images / result.seconds if result.seconds > 0 else math.inf

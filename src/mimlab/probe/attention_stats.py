@@ -1,0 +1,168 @@
+"""Per-image, per-head attention statistics from attention logits (pure functions).
+
+Notation (see docs/metrics.md): one image, one layer, one head; `A = softmax(s)` is the post-softmax attention of a
+row of logits `s` (q.k * scale + bias); the first `P` keys are prefix tokens, the rest a patch grid. For a patch query i:
+- prefix mass        m_i  = sum_{j < P} A_ij
+- patch attention    p_ij = A_ij / (1 - m_i)  over the K patch keys j
+- distance           d_i  = sum_j p_ij * D_ij  (D = pixel distance between patch centres); without renormalisation
+                     (an option) d_i = sum_j A_ij D_ij = (1 - m_i) sum_j p_ij D_ij. The other statistics are
+                     properties of distributions and always use p.
+- entropy            H_i  = -sum_j p_ij log p_ij
+- cross term         C_i[h, g] = sum_j p_hij log(p_gij + eps),   KL_i(h || g) = C_i[h, h] - C_i[h, g]
+- Jensen-Shannon     JS_i(h, g) = H(M) - (H(p_h) + H(p_g)) / 2,  M = (p_h + p_g) / 2
+- NMI (per image)    I(Q;K) = H(mean_i p_i) - mean_i H(p_i) under uniform queries, NMI = I / sqrt(log Nq * H(K))
+The functions return sums over the queries of a chunk so that chunks can be added; `finalize_image_stats` turns the
+sums for complete images into per-image values.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+METRICS = ("attention_distance_px", "attention_distance_norm", "head_kl", "head_js", "entropy", "prefix_mass", "nmi")
+
+
+@dataclass
+class ChunkSums:
+    """Sums over the patch queries of one chunk, per image b and head h (float64)."""
+
+    dist: torch.Tensor      # (b, H)      sum_i d_i
+    entropy: torch.Tensor   # (b, H)      sum_i H_i
+    negent: torch.Tensor    # (b, H)      sum_i (log K - H_i)   (kept separately: no cancellation for NMI)
+    prefix: torch.Tensor    # (b, H)      sum_i m_i
+    cross: torch.Tensor     # (b, H, H)   sum_i sum_j p_hij log(K (p_gij + eps))
+    js: torch.Tensor        # (b, H, H)   sum_i JS_i(h, g), symmetric, zero diagonal
+    colsum: torch.Tensor    # (b, H, K)   sum_i p_ij  (for NMI)
+    rowsum_err: float       # max |sum_j p_ij - 1| seen (sanity check of the capture)
+
+    def __iadd__(self, other: "ChunkSums") -> "ChunkSums":
+        for name in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.rowsum_err = max(self.rowsum_err, other.rowsum_err)
+        return self
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float,
+                     is_causal: bool = False, q_offset: int = 0) -> torch.Tensor:
+    """s = q k^T * scale + bias, exactly what scaled_dot_product_attention softmaxes. q: (b,H,nq,d), k: (b,H,N,d).
+
+    `attn_mask` must already be sliced to the rows of `q` (bool: True = attend). `q_offset` is the row index of
+    q[..., 0, :] in the full sequence (for causal masks).
+    """
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(s.dtype)
+    if is_causal:
+        nq, n = s.shape[-2], s.shape[-1]
+        rows = torch.arange(q_offset, q_offset + nq, device=s.device)[:, None]
+        cols = torch.arange(n, device=s.device)[None, :]
+        s = s.masked_fill(cols > rows, float("-inf"))
+    return s
+
+
+def _lse64(x: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp over the last dim, returned in float64 (exps in x's dtype, their sum in float64)."""
+    m = x.amax(-1, keepdim=True)
+    return m.to(torch.float64) + torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64).log()
+
+
+_MASKED = -1e4   # stands in for -inf logits: exp underflows to exactly 0, differences stay finite
+_CLAMP = 80.0    # |log-ratio| beyond which the JS and eps terms are saturated (e^-80 relative change)
+
+
+def chunk_sums(logits: torch.Tensor, *, num_prefix: int, dist_rows: torch.Tensor, eps: float = 1e-8,
+               renormalize: bool = True) -> ChunkSums:
+    """Statistics of the patch-query rows in `logits` (b, H, nq, N) whose keys are all N tokens.
+
+    `dist_rows` (nq, K), K = N - num_prefix: pixel distances from these queries to every patch key.
+    Numerics: the elementwise work runs in the dtype of `logits`; row log-sum-exps, reductions and the KL cross
+    products are float64. Log-probabilities are kept relative to uniform (log(K p) = z - (lse - log K)), so that
+    nearly uniform attention (random init) keeps full relative precision in KL, JS and NMI, whose values are then
+    tiny differences of large entropies.
+    """
+    f64 = torch.float64
+    b, H, nq, N = logits.shape
+    P = num_prefix
+    K = N - P
+    log_k = math.log(K)
+    s = logits.clamp_min(_MASKED)
+    sp = s[..., P:] if P else s
+    lse_p = _lse64(sp)                                                  # (b, H, nq, 1) float64
+    if P:
+        prefix = -torch.expm1(lse_p - _lse64(s)).squeeze(-1)            # m = 1 - sum_patch A
+    else:
+        prefix = torch.zeros(b, H, nq, dtype=f64, device=s.device)
+    if not torch.isfinite(lse_p).all():
+        raise FloatingPointError("non-finite attention logits (NaN or inf)")
+    lpk = sp - (lse_p - log_k).to(s.dtype)                              # log(K p): ~0 for near-uniform rows
+    p = torch.exp(lpk) * (1.0 / K)                                      # renormalised patch attention (exp of ~0: exact)
+    r = p.sum(-1, dtype=f64)                                            # sum_j p (1 up to rounding)
+    rowsum_err = float((r - 1).abs().max())
+    negent = (p * lpk).sum(-1, dtype=f64) + (1 - r) * log_k             # log K - H_i
+    entropy = log_k - negent
+    dist = (p * dist_rows.to(p.dtype)).sum(-1, dtype=f64)
+    if not renormalize:
+        dist = dist * (1 - prefix)                                      # A_ij = (1 - m_i) p_ij
+    # log(K (p + eps)) = log(K p) + log1p(eps / p), saturated for p -> 0
+    neg_lp = log_k - lpk
+    ell = lpk + torch.log1p(eps * torch.exp(neg_lp.clamp(max=_CLAMP))) + (neg_lp - _CLAMP).clamp_min(0)
+    pf = p.reshape(b, H, nq * K).to(f64)
+    lf = ell.reshape(b, H, nq * K).to(f64)
+    cross = torch.bmm(pf, lf.transpose(1, 2))                           # (b, H, H)
+    # Jensen-Shannon per pair, without cancellation: with d = log p_h - log p_g and M = (p_h + p_g) / 2,
+    # p_h log(p_h/M) + p_g log(p_g/M) = -p_g d - 2 M log1p(expm1(-d) / 2)
+    js = torch.zeros(b, H, H, dtype=f64, device=s.device)
+    for h in range(H - 1):
+        d = (lpk[:, h:h + 1] - lpk[:, h + 1:]).clamp(-_CLAMP, _CLAMP)
+        pg = p[:, h + 1:]
+        t = -pg * d - (p[:, h:h + 1] + pg) * torch.log1p(0.5 * torch.expm1(-d))
+        val = 0.5 * t.sum((-1, -2), dtype=f64)                          # (b, H-h-1)
+        js[:, h, h + 1:] = val
+        js[:, h + 1:, h] = val
+    return ChunkSums(dist=dist.sum(-1), entropy=entropy.sum(-1), negent=negent.sum(-1), prefix=prefix.sum(-1),
+                     cross=cross, js=js, colsum=p.sum(2, dtype=f64), rowsum_err=rowsum_err)
+
+
+def finalize_image_stats(s: ChunkSums, num_queries: int, uniform_distance: float,
+                         nmi_norm: str = "geometric") -> dict[str, torch.Tensor]:
+    """Per-image, per-head values (b, H) from the sums over all `num_queries` patch queries of each image.
+
+    head_kl[h] = 1/(H-1) sum_{g != h} mean_i KL_i(h || g); head_js likewise; NMI as in the module docstring.
+    """
+    H = s.dist.shape[1]
+    nq = float(num_queries)
+    diag = torch.diagonal(s.cross, dim1=1, dim2=2)        # (b, H)
+    kl_pairs = (diag.unsqueeze(-1) - s.cross) / nq        # (b, H, H): mean_i KL(h || g)
+    denom = max(H - 1, 1)
+    head_kl = kl_pairs.sum(-1) / denom
+    head_js = (s.js / nq).sum(-1) / denom
+    dist = s.dist / nq
+    entropy = s.entropy / nq
+    # NMI under uniform queries: p(k) = mean_i p_ik; I = H(K) - H(K|Q) = mean_i (log K - H_i) - KL(p(k) || uniform)
+    K = s.colsum.shape[-1]
+    pk = s.colsum / s.colsum.sum(-1, keepdim=True).clamp_min(1e-300)
+    kl_uniform = torch.xlogy(pk, pk * K).sum(-1)
+    h_k = math.log(K) - kl_uniform
+    mi = s.negent / nq - kl_uniform
+    h_q = torch.tensor(math.log(nq), dtype=torch.float64)
+    if nmi_norm == "geometric":
+        norm = torch.sqrt(h_q * h_k)
+    elif nmi_norm == "arithmetic":
+        norm = 0.5 * (h_q + h_k)
+    else:
+        raise ValueError(f"nmi_norm must be 'geometric' or 'arithmetic', not {nmi_norm!r}")
+    nmi = torch.where(norm > 0, mi / norm.clamp_min(1e-300), torch.zeros_like(mi))
+    return {
+        "attention_distance_px": dist,
+        "attention_distance_norm": dist / uniform_distance,
+        "head_kl": head_kl,
+        "head_js": head_js,
+        "entropy": entropy,
+        "prefix_mass": s.prefix / nq,
+        "nmi": nmi,
+    }

@@ -1,0 +1,101 @@
+"""An independent float64 reference for the attention metrics: materialise every attention map with timm's
+non-fused attention path (probabilities taken from the input of `attn_drop`), then apply the textbook formulas
+in numpy. Deliberately slow and simple."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+
+def attention_maps_float64(model, x):
+    """List over blocks of (B, H, N, N) float64 post-softmax attention, via the non-fused path."""
+    m = copy.deepcopy(model).double().eval()
+    maps = []
+    handles = []
+    for blk in m.blocks:
+        blk.attn.fused_attn = False
+        handles.append(blk.attn.attn_drop.register_forward_hook(lambda mod, inp, out: maps.append(inp[0].detach())))
+    with torch.no_grad():
+        m.forward_features(x.double())
+    for h in handles:
+        h.remove()
+    return [a.numpy() for a in maps]
+
+
+def grid_distances(num_prefix, grid, patch):
+    gh, gw = grid
+    ph, pw = patch
+    centres = np.array([((r + 0.5) * ph, (c + 0.5) * pw) for r in range(gh) for c in range(gw)], dtype=np.float64)
+    diff = centres[:, None, :] - centres[None, :, :]
+    return np.sqrt((diff ** 2).sum(-1))
+
+
+def reference_metrics(A, num_prefix, grid, patch, eps=1e-8, renormalize=True):
+    """Per-head metrics (H,) for one layer's maps A (B, H, N, N), averaged over queries then images."""
+    B, H, N, _ = A.shape
+    P = num_prefix
+    D = grid_distances(P, grid, patch)
+    uniform = D.mean()
+    rows = A[:, :, P:, :]
+    prefix = rows[..., :P].sum(-1)                                  # (B, H, nq)
+    p = rows[..., P:]
+    if renormalize:
+        p = p / p.sum(-1, keepdims=True)
+    nq = p.shape[2]
+    dist = (p * D[None, None]).sum(-1)                              # (B, H, nq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    ent = -plogp.sum(-1)
+    kl = np.zeros((B, H))
+    js = np.zeros((B, H))
+    for h in range(H):
+        for g in range(H):
+            if g == h:
+                continue
+            kl_hg = (p[:, h] * (np.log(p[:, h] + eps) - np.log(p[:, g] + eps))).sum(-1)   # (B, nq)
+            mix = 0.5 * (p[:, h] + p[:, g])
+
+            def kl0(a, b):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    t = np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0) / np.where(b > 0, b, 1.0)), 0.0)
+                return t.sum(-1)
+
+            js_hg = 0.5 * kl0(p[:, h], mix) + 0.5 * kl0(p[:, g], mix)
+            kl[:, h] += kl_hg.mean(-1) / (H - 1)
+            js[:, h] += js_hg.mean(-1) / (H - 1)
+    pk = p.mean(2)                                                  # (B, H, K)
+    pk = pk / pk.sum(-1, keepdims=True)
+    hk = -(np.where(pk > 0, pk * np.log(np.where(pk > 0, pk, 1.0)), 0.0)).sum(-1)
+    mi = hk - ent.mean(-1)
+    nmi = mi / np.sqrt(np.log(nq) * hk)
+    return {
+        "attention_distance_px": dist.mean(-1).mean(0),
+        "attention_distance_norm": dist.mean(-1).mean(0) / uniform,
+        "head_kl": kl.mean(0),
+        "head_js": js.mean(0),
+        "entropy": ent.mean(-1).mean(0),
+        "prefix_mass": prefix.mean(-1).mean(0) if P else np.zeros(H),
+        "nmi": nmi.mean(0),
+    }
+
+
+def linear_cka_full_batch(X, Y):
+    """Unbiased linear CKA on one batch, float64, written from the textbook formula with explicit centring-free
+    U-statistic (Song et al. 2012), independent of mimlab.probe.cka."""
+    X = X.reshape(X.shape[0], -1).astype(np.float64)
+    Y = Y.reshape(Y.shape[0], -1).astype(np.float64)
+
+    def hsic(K, L):
+        n = K.shape[0]
+        K = K.copy()
+        L = L.copy()
+        np.fill_diagonal(K, 0)
+        np.fill_diagonal(L, 0)
+        one = np.ones(n)
+        return (np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (one @ K @ L @ one)) / (n * (n - 3))
+
+    K, L = X @ X.T, Y @ Y.T
+    return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
