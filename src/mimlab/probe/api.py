@@ -129,10 +129,11 @@ class _ModelProbe:
                 else:
                     sums += part
             assert sums is not None
-            self.max_rowsum_err = max(self.max_rowsum_err, sums.rowsum_err)
-            if sums.rowsum_err > 1e-3:
+            err = float(sums.rowsum_err)
+            self.max_rowsum_err = max(self.max_rowsum_err, err)
+            if not err <= 1e-3:
                 raise CaptureError(f"{self.pm.label}/{name}: captured attention rows do not sum to 1 "
-                                   f"(max error {sums.rowsum_err:.2e})")
+                                   f"(max error {err:.2e})")
             vals = finalize_image_stats(sums, nq_total, self.uniform, self.cfg.nmi_norm)
             values.append(torch.stack([vals[m_] for m_ in METRICS], dim=-1))   # (b, H, M)
         self.batch_values[li] = torch.cat(values, 0)

@@ -35,12 +35,12 @@ class ChunkSums:
     cross: torch.Tensor     # (b, H, H)   sum_i sum_j p_hij log(K (p_gij + eps))
     js: torch.Tensor        # (b, H, H)   sum_i JS_i(h, g), symmetric, zero diagonal
     colsum: torch.Tensor    # (b, H, K)   sum_i p_ij  (for NMI)
-    rowsum_err: float       # max |sum_j p_ij - 1| seen (sanity check of the capture)
+    rowsum_err: torch.Tensor  # max |sum_j p_ij - 1| seen, 0-d (sanity check of the capture)
 
     def __iadd__(self, other: "ChunkSums") -> "ChunkSums":
         for name in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.rowsum_err = max(self.rowsum_err, other.rowsum_err)
+        self.rowsum_err = torch.maximum(self.rowsum_err, other.rowsum_err)
         return self
 
 
@@ -65,14 +65,13 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor |
     return s
 
 
-def _lse64(x: torch.Tensor) -> torch.Tensor:
-    """log-sum-exp over the last dim, returned in float64 (exps in x's dtype, their sum in float64)."""
+def _lse64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maximum m (x's dtype) and log sum_j exp(x_j - m) (float64): lse = m + second, kept apart for precision."""
     m = x.amax(-1, keepdim=True)
-    return m.to(torch.float64) + torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64).log()
+    return m, torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64).log()
 
 
 _MASKED = -1e4   # stands in for -inf logits: exp underflows to exactly 0, differences stay finite
-_CLAMP = 80.0    # |log-ratio| beyond which the JS and eps terms are saturated (e^-80 relative change)
 
 
 def chunk_sums(logits: torch.Tensor, *, num_prefix: int, dist_rows: torch.Tensor, eps: float = 1e-8,
@@ -92,35 +91,38 @@ def chunk_sums(logits: torch.Tensor, *, num_prefix: int, dist_rows: torch.Tensor
     log_k = math.log(K)
     s = logits.clamp_min(_MASKED)
     sp = s[..., P:] if P else s
-    lse_p = _lse64(sp)                                                  # (b, H, nq, 1) float64
+    mx, rel_lse = _lse64(sp)                                            # (b, H, nq, 1): lse_patch = mx + rel_lse
     if P:
-        prefix = -torch.expm1(lse_p - _lse64(s)).squeeze(-1)            # m = 1 - sum_patch A
+        mx_all, rel_all = _lse64(s)
+        prefix = -torch.expm1(mx.to(f64) + rel_lse - mx_all.to(f64) - rel_all).squeeze(-1)   # m = 1 - sum_patch A
     else:
         prefix = torch.zeros(b, H, nq, dtype=f64, device=s.device)
-    if not torch.isfinite(lse_p).all():
+    if not torch.isfinite(rel_lse).all() or not torch.isfinite(mx).all():
         raise FloatingPointError("non-finite attention logits (NaN or inf)")
-    lpk = sp - (lse_p - log_k).to(s.dtype)                              # log(K p): ~0 for near-uniform rows
+    # log(K p) = (s - max) - (log sum exp(s - max) - log K): both parts small for near-uniform and for peaked rows
+    lpk = (sp - mx) - (rel_lse - log_k).to(s.dtype)
     p = torch.exp(lpk) * (1.0 / K)                                      # renormalised patch attention (exp of ~0: exact)
     r = p.sum(-1, dtype=f64)                                            # sum_j p (1 up to rounding)
-    rowsum_err = float((r - 1).abs().max())
-    negent = (p * lpk).sum(-1, dtype=f64) + (1 - r) * log_k             # log K - H_i
+    rowsum_err = (r - 1).abs().max()
+    # log K - H_i = sum_j p_ij log(K p_ij): log(K p) is exact, so rounding of p only perturbs the weights
+    negent = (p * lpk).sum(-1, dtype=f64)
     entropy = log_k - negent
     dist = (p * dist_rows.to(p.dtype)).sum(-1, dtype=f64)
     if not renormalize:
         dist = dist * (1 - prefix)                                      # A_ij = (1 - m_i) p_ij
-    # log(K (p + eps)) = log(K p) + log1p(eps / p), saturated for p -> 0
-    neg_lp = log_k - lpk
-    ell = lpk + torch.log1p(eps * torch.exp(neg_lp.clamp(max=_CLAMP))) + (neg_lp - _CLAMP).clamp_min(0)
+    # log(K (p + eps)) = logaddexp(log(K p), log(K eps)): stable for p -> 0 and exact relative to log(K p)
+    log_keps = math.log(K * eps)
+    ell = torch.clamp_min(lpk, log_keps) + torch.log1p(torch.exp(-(lpk - log_keps).abs()))
     pf = p.reshape(b, H, nq * K).to(f64)
     lf = ell.reshape(b, H, nq * K).to(f64)
     cross = torch.bmm(pf, lf.transpose(1, 2))                           # (b, H, H)
-    # Jensen-Shannon per pair, without cancellation: with d = log p_h - log p_g and M = (p_h + p_g) / 2,
-    # p_h log(p_h/M) + p_g log(p_g/M) = -p_g d - 2 M log1p(expm1(-d) / 2)
+    # Jensen-Shannon per pair, without cancellation: with a = |log p_h - log p_g|, p_lo = min(p_h, p_g) and
+    # M = (p_h + p_g) / 2:  p_h log(p_h/M) + p_g log(p_g/M) = -p_lo a - 2 M log1p(expm1(-a) / 2)
     js = torch.zeros(b, H, H, dtype=f64, device=s.device)
     for h in range(H - 1):
-        d = (lpk[:, h:h + 1] - lpk[:, h + 1:]).clamp(-_CLAMP, _CLAMP)
-        pg = p[:, h + 1:]
-        t = -pg * d - (p[:, h:h + 1] + pg) * torch.log1p(0.5 * torch.expm1(-d))
+        a = (lpk[:, h:h + 1] - lpk[:, h + 1:]).abs()
+        ph, pg = p[:, h:h + 1], p[:, h + 1:]
+        t = -torch.minimum(ph, pg) * a - (ph + pg) * torch.log1p(0.5 * torch.expm1(-a))
         val = 0.5 * t.sum((-1, -2), dtype=f64)                          # (b, H-h-1)
         js[:, h, h + 1:] = val
         js[:, h + 1:, h] = val

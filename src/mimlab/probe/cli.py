@@ -1,0 +1,66 @@
+"""`mimlab probe MODEL... --data PATH --images N --batch-size B --out DIR`"""
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """examples:
+  mimlab probe vit_small_patch16_224 --data builtin --images 64 --out runs/probe
+  mimlab probe sim=beit_base_patch16_224@simmim_pretrain.pth sup=deit_base_patch16_224@deit_base.pth \\
+      --model-kwargs use_abs_pos_emb=False,use_rel_pos_bias=True,init_values=0.1 --model-kwargs "" \\
+      --data /data/imagenet/val --images 1000 --batch-size 50 --device cuda --out runs/vitb
+MODEL is [LABEL=]ARCH[@CHECKPOINT]; without a checkpoint the model is randomly initialised (flagged loudly)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
+    p.add_argument("models", nargs="+", metavar="MODEL", help="[LABEL=]ARCH[@CHECKPOINT] (timm ARCH, local checkpoint)")
+    p.add_argument("--data", required=True,
+                   help="image folder (recursive, sorted by relative path), a .npy float32 N x 3 x H x W array "
+                        "(already normalised), or builtin[:KIND] (held-out built-in images)")
+    p.add_argument("--images", type=int, default=256, help="use the first N images (default 256)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size = CKA minibatch size (default 32)")
+    p.add_argument("--out", default=None, help="output directory for metrics.json, tables, figures, report.html")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed for random init and the bootstrap (default 0)")
+    p.add_argument("--model-kwargs", action="append", default=[], metavar="K=V,...",
+                   help="keyword arguments for timm.create_model; once for all models or once per model, in order")
+    p.add_argument("--checkpoint-format", default="auto",
+                   choices=["auto", "timm", "deit", "mae", "mocov3", "simmim"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for the forward")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    g = p.add_argument_group("metric conventions")
+    g.add_argument("--no-renormalize", action="store_true",
+                   help="attention distance from raw attention to patches (not renormalised after dropping prefix)")
+    g.add_argument("--kl-eps", type=float, default=1e-8, help="eps inside the log of the KL (default 1e-8)")
+    g.add_argument("--nmi-norm", default="geometric", choices=["geometric", "arithmetic"])
+    g.add_argument("--no-cka", action="store_true", help="skip CKA")
+    g.add_argument("--cka-features", default="flatten", choices=["flatten", "mean", "cls"],
+                   help="block output flattened over tokens (default), mean of patch tokens, or first prefix token")
+    g.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for CIs (0 = none)")
+    g.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
+                   help="dtype of the per-chunk attention math (sums are always float64)")
+    p.add_argument("--no-report", action="store_true", help="write metrics.json only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mimlab.probe.api import ProbeConfig, images_per_second
+    from mimlab.probe.run import ProbeRequest, run_probe, summary_lines
+
+    cfg = ProbeConfig(renormalize=not args.no_renormalize, kl_eps=args.kl_eps, nmi_norm=args.nmi_norm,
+                      cka=not args.no_cka, cka_features=args.cka_features, bootstrap=args.bootstrap,
+                      stats_dtype=args.stats_dtype, seed=args.seed)
+    req = ProbeRequest(models=args.models, data=args.data, images=args.images, batch_size=args.batch_size,
+                       out=args.out, device=args.device, seed=args.seed, model_kwargs=args.model_kwargs,
+                       checkpoint_format=args.checkpoint_format, precision=args.precision, workers=args.workers,
+                       config=cfg, report=not args.no_report, progress=not args.quiet)
+    result, paths = run_probe(req)
+    if not args.quiet:
+        print("\n".join(summary_lines(result)))
+        print(f"{result.num_images} images in {result.seconds:.1f} s ({images_per_second(result):.1f} img/s)")
+    if paths:
+        print(f"metrics: {paths['metrics']}")
+        if "report" in paths:
+            print(f"report:  {paths['report']}")
+    return 0

@@ -1,0 +1,202 @@
+"""The probe's numbers against an independent float64 computation from full attention maps, and hand-worked cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from mimlab.models.layout import TokenLayout, inspect_layout
+from mimlab.probe.api import ProbeConfig, probe
+from mimlab.probe.attention_stats import METRICS, chunk_sums, finalize_image_stats
+from reference import attention_maps_float64, reference_metrics
+
+SMALL = dict(img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=4, num_classes=0)
+
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers_cls": ("vit_tiny_patch16_224", dict(reg_tokens=3, no_embed_class=True)),
+    "registers_no_cls": ("vit_tiny_patch16_224", dict(reg_tokens=3, no_embed_class=True, class_token=False,
+                                                      global_pool="avg")),
+    "no_prefix": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
+    "non_square": ("vit_tiny_patch16_224", dict(img_size=(32, 24))),
+    "beit": ("beit_base_patch16_224", dict(use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)),
+}
+EXPECTED_PREFIX = {"vit": 1, "deit_distilled": 2, "registers_cls": 4, "registers_no_cls": 3, "no_prefix": 0,
+                   "non_square": 1, "beit": 1}
+
+
+def build(name: str, sharpen: float) -> torch.nn.Module:
+    arch, extra = MODELS[name]
+    torch.manual_seed(0)
+    model = timm.create_model(arch, **{**SMALL, **extra}).eval()
+    with torch.no_grad():
+        for blk in model.blocks:            # trained models have sharp attention; random init is nearly uniform
+            blk.attn.qkv.weight.mul_(sharpen)
+            if name == "beit":              # give the relative position bias real values too
+                blk.attn.relative_position_bias_table.normal_(0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("sharpen", [1.0, 6.0], ids=["random_init", "sharp"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_metrics_match_float64_reference(name, sharpen):
+    model = build(name, sharpen)
+    layout = inspect_layout(model)
+    assert layout.num_prefix_tokens == EXPECTED_PREFIX[name]
+    h, w = layout.img_size
+    x = torch.randn(6, 3, h, w, generator=torch.Generator().manual_seed(1))
+    maps = attention_maps_float64(model, x)
+    assert len(maps) == len(model.blocks)
+    assert maps[0].shape[-1] == layout.num_tokens
+    res = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
+    layers = res["models"]["m"]["layers"]
+    for li, A in enumerate(maps):
+        ref = reference_metrics(A, layout.num_prefix_tokens, layout.grid, layout.patch_size)
+        for metric in METRICS:
+            got = np.asarray(layers[li][metric])
+            if metric == "prefix_mass" and layout.num_prefix_tokens == 0:
+                assert np.all(got == 0)
+                continue
+            np.testing.assert_allclose(got, ref[metric], rtol=1e-4, atol=0, err_msg=f"{name} layer {li} {metric}")
+
+
+def test_float64_stats_match_reference_tightly():
+    model = build("vit", 1.0)
+    x = torch.randn(4, 3, 32, 32)
+    maps = attention_maps_float64(model, x)
+    res = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False, stats_dtype="float64"))
+    for li, A in enumerate(maps):
+        ref = reference_metrics(A, 1, (8, 8), (4, 4))
+        for metric in METRICS:
+            # the remaining difference comes from the float32 forward pass, not the statistics
+            np.testing.assert_allclose(res.models["m"]["layers"][li][metric], ref[metric], rtol=1e-6)
+
+
+def test_non_square_grid_is_inspected_not_assumed():
+    model = build("non_square", 1.0)
+    lay = inspect_layout(model)
+    assert lay.grid == (8, 6) and lay.patch_size == (4, 4) and lay.img_size == (32, 24)
+
+
+def test_no_renormalize_scales_distance_by_patch_mass():
+    model = build("vit", 6.0)
+    x = torch.randn(4, 3, 32, 32)
+    maps = attention_maps_float64(model, x)
+    res = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False, renormalize=False))
+    from reference import grid_distances
+    D = grid_distances(1, (8, 8), (4, 4))
+    for li, A in enumerate(maps):
+        raw = A[:, :, 1:, 1:]                       # drop the prefix key without renormalising
+        want = (raw * D).sum(-1).mean(-1).mean(0)
+        np.testing.assert_allclose(res.models["m"]["layers"][li]["attention_distance_px"], want, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- hand-worked cases
+def _values(logits, layout):
+    D = layout.distance_matrix_px().float()
+    P = layout.num_prefix_tokens
+    s = chunk_sums(logits[:, :, P:], num_prefix=P, dist_rows=D)
+    return finalize_image_stats(s, layout.num_patches, layout.uniform_distance_px())
+
+
+def test_uniform_distance_closed_forms():
+    # 2x2 grid of 16 px patches: each row sees distances 0, 16, 16, 16*sqrt(2)
+    assert TokenLayout(1, (2, 2), (16, 16)).uniform_distance_px() == pytest.approx((32 + 16 * math.sqrt(2)) / 4)
+    # ViT-B/16 at 224 (PAPER.md: about 116.5 px)
+    assert TokenLayout(1, (14, 14), (16, 16)).uniform_distance_px() == pytest.approx(116.49, abs=0.01)
+
+
+def test_uniform_attention():
+    lay = TokenLayout(1, (3, 5), (8, 8))
+    N = lay.num_tokens
+    logits = torch.zeros(2, 3, N, N)                 # every row uniform over all tokens
+    v = _values(logits, lay)
+    K = lay.num_patches
+    torch.testing.assert_close(v["attention_distance_px"], torch.full((2, 3), lay.uniform_distance_px(),
+                                                                      dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(v["attention_distance_norm"], torch.ones(2, 3, dtype=torch.float64))
+    assert v["head_kl"].abs().max() < 1e-12 and v["head_js"].abs().max() < 1e-12
+    torch.testing.assert_close(v["entropy"], torch.full((2, 3), math.log(K), dtype=torch.float64))
+    torch.testing.assert_close(v["prefix_mass"], torch.full((2, 3), 1 / N, dtype=torch.float64))
+    assert v["nmi"].abs().max() < 1e-7
+
+
+def test_one_hot_self_attention():
+    lay = TokenLayout(0, (4, 4), (16, 16))
+    N = lay.num_tokens
+    logits = torch.eye(N).expand(1, 2, N, N) * 1e4   # attends only to itself
+    v = _values(logits.clone(), lay)
+    assert v["attention_distance_px"].abs().max() < 1e-9
+    assert v["entropy"].abs().max() < 1e-6          # float32 statistics: log K is rounded once
+    torch.testing.assert_close(v["nmi"], torch.ones(1, 2, dtype=torch.float64))
+    assert v["head_kl"].abs().max() < 1e-9           # both heads identical
+
+
+def test_one_hot_neighbour_attention_and_kl_between_known_heads():
+    # head 0 attends to the right neighbour (distance = patch width), head 1 uniformly
+    lay = TokenLayout(0, (1, 4), (16, 16))
+    K = 4
+    logits = torch.full((1, 2, K, K), -1e9)
+    for i in range(K):
+        logits[0, 0, i, (i + 1) % K] = 0.0
+    logits[0, 1] = 0.0
+    v = _values(logits, lay)
+    # distances to the right neighbour: 16, 16, 16 and 48 (the wrap-around from the last patch)
+    assert v["attention_distance_px"][0, 0].item() == pytest.approx((16 * 3 + 48) / 4)
+    eps = 1e-8
+    # KL(one-hot || uniform) = log((1 + eps) / (1/4 + eps)) + 3 * eps * log(eps / (1/4 + eps)) ~ log 4
+    kl01 = (1 * math.log((1 + eps) / (0.25 + eps)))
+    assert v["head_kl"][0, 0].item() == pytest.approx(kl01, rel=1e-6)
+    # KL(uniform || one-hot) = sum_j 1/4 log((1/4 + eps) / (p_j + eps))
+    kl10 = 0.25 * math.log((0.25 + eps) / (1 + eps)) + 0.75 * math.log((0.25 + eps) / eps)
+    assert v["head_kl"][0, 1].item() == pytest.approx(kl10, rel=1e-6)
+    # JS(one-hot, uniform): M = (5/8, 1/8, 1/8, 1/8)
+    js = 0.5 * math.log(1 / 0.625) + 0.5 * (0.25 * math.log(0.25 / 0.625) + 0.75 * math.log(0.25 / 0.125))
+    assert v["head_js"][0, 0].item() == pytest.approx(js, rel=1e-6)
+    assert v["head_js"][0, 1].item() == pytest.approx(js, rel=1e-6)
+    assert 0 <= js <= math.log(2)
+
+
+def test_masked_keys_are_exact_zeros():
+    # a -inf mask (bool False) on some keys: they get probability 0 and the statistics stay finite
+    lay = TokenLayout(0, (2, 2), (16, 16))
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[..., 3] = float("-inf")
+    v = _values(logits, lay)
+    for k, t in v.items():
+        assert torch.isfinite(t).all(), k
+    assert v["entropy"][0, 0].item() == pytest.approx(math.log(3))
+
+
+def test_batch_size_does_not_change_attention_metrics_and_runs_are_bitwise_identical():
+    model = build("vit", 6.0)
+    x = torch.randn(12, 3, 32, 32)
+    a = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=20, seed=3)).to_dict()
+    b = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=20, seed=3)).to_dict()
+    c = probe({"m": model}, x, batch_size=6, config=ProbeConfig(bootstrap=20, seed=3)).to_dict()
+    for li in range(2):
+        for metric in METRICS:
+            assert a["models"]["m"]["layers"][li][metric] == b["models"]["m"]["layers"][li][metric]
+            assert a["models"]["m"]["layers"][li]["ci"] == b["models"]["m"]["layers"][li]["ci"]
+            np.testing.assert_allclose(a["models"]["m"]["layers"][li][metric],
+                                       c["models"]["m"]["layers"][li][metric], rtol=1e-9)
+    assert a["cka"] == b["cka"]
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_images():
+    model = build("vit", 6.0)
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    few = probe({"m": model}, x[:8], batch_size=8, config=ProbeConfig(bootstrap=200, cka=False)).to_dict()
+    many = probe({"m": model}, x, batch_size=8, config=ProbeConfig(bootstrap=200, cka=False)).to_dict()
+    for res in (few, many):
+        layer = res["models"]["m"]["layers"][1]
+        lo, hi = layer["layer_ci"]["attention_distance_px"]
+        assert lo <= layer["layer_mean"]["attention_distance_px"] <= hi
+        for h in range(4):
+            assert layer["ci"]["head_kl"]["low"][h] <= layer["head_kl"][h] <= layer["ci"]["head_kl"]["high"][h]
+    width = lambda r: np.subtract(*r["models"]["m"]["layers"][1]["layer_ci"]["attention_distance_px"][::-1])
+    assert width(many) < width(few)
