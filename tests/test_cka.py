@@ -8,7 +8,7 @@ import torch
 
 from mimlab.probe.api import ProbeConfig, probe
 from mimlab.probe.cka import MinibatchCKA, cka_from_hsic, gram_linear, hsic1_matrix
-from reference import linear_cka_full_batch
+from mimlab.probe.reference import linear_cka_full_batch
 
 
 def _cka(*feature_sets, batch=None):

@@ -11,7 +11,7 @@ import torch
 from mimlab.models.layout import TokenLayout, inspect_layout
 from mimlab.probe.api import ProbeConfig, probe
 from mimlab.probe.attention_stats import METRICS, chunk_sums, finalize_image_stats
-from reference import attention_maps_float64, reference_metrics
+from mimlab.probe.reference import attention_maps_float64, reference_metrics
 
 SMALL = dict(img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=4, num_classes=0)
 
@@ -87,7 +87,7 @@ def test_no_renormalize_scales_distance_by_patch_mass():
     x = torch.randn(4, 3, 32, 32)
     maps = attention_maps_float64(model, x)
     res = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False, renormalize=False))
-    from reference import grid_distances
+    from mimlab.probe.reference import grid_distances
     D = grid_distances(1, (8, 8), (4, 4))
     for li, A in enumerate(maps):
         raw = A[:, :, 1:, 1:]                       # drop the prefix key without renormalising

@@ -1,6 +1,8 @@
-"""An independent float64 reference for the attention metrics: materialise every attention map with timm's
-non-fused attention path (probabilities taken from the input of `attn_drop`), then apply the textbook formulas
-in numpy. Deliberately slow and simple."""
+"""The materialise-all-maps alternative, in float64: an independent reference for the attention metrics.
+
+Materialise every attention map with timm's non-fused attention path (probabilities taken from the input of
+`attn_drop`), then apply the textbook formulas in numpy. Deliberately simple; the tests compare the streaming probe
+against it, and `benchmarks/probe_throughput.py` uses it as the "store all maps, compute afterwards" baseline."""
 from __future__ import annotations
 
 import copy
@@ -9,16 +11,16 @@ import numpy as np
 import torch
 
 
-def attention_maps_float64(model, x):
-    """List over blocks of (B, H, N, N) float64 post-softmax attention, via the non-fused path."""
-    m = copy.deepcopy(model).double().eval()
+def attention_maps_float64(model, x, dtype=torch.float64):
+    """List over blocks of (B, H, N, N) post-softmax attention (float64 by default), via the non-fused path."""
+    m = copy.deepcopy(model).to(dtype).eval()
     maps = []
     handles = []
     for blk in m.blocks:
         blk.attn.fused_attn = False
         handles.append(blk.attn.attn_drop.register_forward_hook(lambda mod, inp, out: maps.append(inp[0].detach())))
     with torch.no_grad():
-        m.forward_features(x.double())
+        m.forward_features(x.to(dtype))
     for h in handles:
         h.remove()
     return [a.numpy() for a in maps]
