@@ -200,3 +200,14 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_images():
             assert layer["ci"]["head_kl"]["low"][h] <= layer["head_kl"][h] <= layer["ci"]["head_kl"]["high"][h]
     width = lambda r: np.subtract(*r["models"]["m"]["layers"][1]["layer_ci"]["attention_distance_px"][::-1])
     assert width(many) < width(few)
+
+
+def test_js_can_be_skipped_and_is_then_nan_not_zero():
+    model = build("vit", 6.0)
+    x = torch.randn(4, 3, 32, 32)
+    full = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
+    nojs = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False, js=False)).to_dict()
+    for li in range(2):
+        a, b = full["models"]["m"]["layers"][li], nojs["models"]["m"]["layers"][li]
+        assert all(math.isnan(v) for v in b["head_js"])
+        assert a["head_kl"] == b["head_kl"] and a["attention_distance_px"] == b["attention_distance_px"]

@@ -65,25 +65,25 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor |
     return s
 
 
-def _lse64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row maximum m (x's dtype) and log sum_j exp(x_j - m) (float64): lse = m + second, kept apart for precision."""
+def _row_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maximum m (x's dtype) and log sum_j exp(x_j - m) in float64, kept apart for precision.
+
+    The sum is taken as K c + sum_j (e_j - c) with c = e_0 (any element): the residuals are small for nearly
+    uniform rows, so the float32 sum keeps ~1e-9 relative precision where it matters, without a float64 copy.
+    """
     m = x.amax(-1, keepdim=True)
-    return m, torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64).log()
+    e = torch.exp(x - m)
+    c = e[..., :1]
+    total = x.shape[-1] * c.to(torch.float64) + (e - c).sum(-1, keepdim=True).to(torch.float64)
+    return m, total.log()
 
 
 _MASKED = -1e4   # stands in for -inf logits: exp underflows to exactly 0, differences stay finite
 
 
-def chunk_sums(logits: torch.Tensor, *, num_prefix: int, dist_rows: torch.Tensor, eps: float = 1e-8,
-               renormalize: bool = True) -> ChunkSums:
-    """Statistics of the patch-query rows in `logits` (b, H, nq, N) whose keys are all N tokens.
-
-    `dist_rows` (nq, K), K = N - num_prefix: pixel distances from these queries to every patch key.
-    Numerics: the elementwise work runs in the dtype of `logits`; row log-sum-exps, reductions and the KL cross
-    products are float64. Log-probabilities are kept relative to uniform (log(K p) = z - (lse - log K)), so that
-    nearly uniform attention (random init) keeps full relative precision in KL, JS and NMI, whose values are then
-    tiny differences of large entropies.
-    """
+def chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, eps: float,
+                       renormalize: bool, js: bool = True) -> tuple[torch.Tensor, ...]:
+    """The tensor part of `chunk_sums` (no Python-side checks, so it can be compiled as one graph)."""
     f64 = torch.float64
     b, H, nq, N = logits.shape
     P = num_prefix
@@ -91,43 +91,58 @@ def chunk_sums(logits: torch.Tensor, *, num_prefix: int, dist_rows: torch.Tensor
     log_k = math.log(K)
     s = logits.clamp_min(_MASKED)
     sp = s[..., P:] if P else s
-    mx, rel_lse = _lse64(sp)                                            # (b, H, nq, 1): lse_patch = mx + rel_lse
+    mx, rel_lse = _row_lse(sp)                                          # (b, H, nq, 1): lse_patch = mx + rel_lse
     if P:
-        mx_all, rel_all = _lse64(s)
+        mx_all, rel_all = _row_lse(s)
         prefix = -torch.expm1(mx.to(f64) + rel_lse - mx_all.to(f64) - rel_all).squeeze(-1)   # m = 1 - sum_patch A
     else:
         prefix = torch.zeros(b, H, nq, dtype=f64, device=s.device)
-    if not torch.isfinite(rel_lse).all() or not torch.isfinite(mx).all():
-        raise FloatingPointError("non-finite attention logits (NaN or inf)")
+    finite = torch.isfinite(rel_lse).all() & torch.isfinite(mx).all()
     # log(K p) = (s - max) - (log sum exp(s - max) - log K): both parts small for near-uniform and for peaked rows
     lpk = (sp - mx) - (rel_lse - log_k).to(s.dtype)
     p = torch.exp(lpk) * (1.0 / K)                                      # renormalised patch attention (exp of ~0: exact)
-    r = p.sum(-1, dtype=f64)                                            # sum_j p (1 up to rounding)
-    rowsum_err = (r - 1).abs().max()
+    rowsum_err = (p.sum(-1) - 1).abs().amax()
     # log K - H_i = sum_j p_ij log(K p_ij): log(K p) is exact, so rounding of p only perturbs the weights
-    negent = (p * lpk).sum(-1, dtype=f64)
-    entropy = log_k - negent
-    dist = (p * dist_rows.to(p.dtype)).sum(-1, dtype=f64)
+    negent = (p * lpk).sum(-1).to(f64)
+    dist = (p * dist_rows.to(p.dtype)).sum(-1).to(f64)
     if not renormalize:
         dist = dist * (1 - prefix)                                      # A_ij = (1 - m_i) p_ij
     # log(K (p + eps)) = logaddexp(log(K p), log(K eps)): stable for p -> 0 and exact relative to log(K p)
     log_keps = math.log(K * eps)
     ell = torch.clamp_min(lpk, log_keps) + torch.log1p(torch.exp(-(lpk - log_keps).abs()))
-    pf = p.reshape(b, H, nq * K).to(f64)
-    lf = ell.reshape(b, H, nq * K).to(f64)
-    cross = torch.bmm(pf, lf.transpose(1, 2))                           # (b, H, H)
+    # cross[h, g] = sum_i sum_j p_hij ell_gij, per query in float32, summed over queries in float64
+    cross = (p.unsqueeze(2) * ell.unsqueeze(1)).sum(-1).sum(-1, dtype=f64)          # (b, H, H)
     # Jensen-Shannon per pair, without cancellation: with a = |log p_h - log p_g|, p_lo = min(p_h, p_g) and
     # M = (p_h + p_g) / 2:  p_h log(p_h/M) + p_g log(p_g/M) = -p_lo a - 2 M log1p(expm1(-a) / 2)
-    js = torch.zeros(b, H, H, dtype=f64, device=s.device)
-    for h in range(H - 1):
-        a = (lpk[:, h:h + 1] - lpk[:, h + 1:]).abs()
-        ph, pg = p[:, h:h + 1], p[:, h + 1:]
+    js_mat = torch.zeros(b, H, H, dtype=f64, device=s.device)
+    if js and H > 1:
+        iu = torch.triu_indices(H, H, 1, device=s.device)
+        ph, pg = p[:, iu[0]], p[:, iu[1]]                                           # (b, pairs, nq, K)
+        a = (lpk[:, iu[0]] - lpk[:, iu[1]]).abs()
         t = -torch.minimum(ph, pg) * a - (ph + pg) * torch.log1p(0.5 * torch.expm1(-a))
-        val = 0.5 * t.sum((-1, -2), dtype=f64)                          # (b, H-h-1)
-        js[:, h, h + 1:] = val
-        js[:, h + 1:, h] = val
-    return ChunkSums(dist=dist.sum(-1), entropy=entropy.sum(-1), negent=negent.sum(-1), prefix=prefix.sum(-1),
-                     cross=cross, js=js, colsum=p.sum(2, dtype=f64), rowsum_err=rowsum_err)
+        js_mat[:, iu[0], iu[1]] = 0.5 * t.sum(-1).sum(-1, dtype=f64)               # (b, pairs)
+        js_mat = js_mat + js_mat.transpose(1, 2)
+    return (dist.sum(-1), (log_k - negent).sum(-1), negent.sum(-1), prefix.sum(-1), cross, js_mat,
+            p.sum(2).to(f64), rowsum_err, finite)
+
+
+def chunk_sums(logits: torch.Tensor, *, num_prefix: int, dist_rows: torch.Tensor, eps: float = 1e-8,
+               renormalize: bool = True, js: bool = True, kernel=None) -> ChunkSums:
+    """Statistics of the patch-query rows in `logits` (b, H, nq, N) whose keys are all N tokens.
+
+    `dist_rows` (nq, K), K = N - num_prefix: pixel distances from these queries to every patch key.
+    Numerics: the elementwise work runs in the dtype of `logits`; row log-sum-exps and all sums over queries are
+    float64. Log-probabilities are kept relative to uniform (log(K p) = (s - max) - (log sum exp(s - max) - log K)),
+    so nearly uniform attention (random init) keeps full relative precision in KL, JS and NMI, whose values are
+    then tiny differences of large entropies. `kernel` may be a compiled `chunk_sums_tensors`.
+    """
+    fn = kernel or chunk_sums_tensors
+    dist, ent, negent, prefix, cross, js_mat, colsum, rowsum_err, finite = fn(logits, dist_rows, num_prefix, eps,
+                                                                              renormalize, js)
+    if not bool(finite):
+        raise FloatingPointError("non-finite attention logits (NaN or inf)")
+    return ChunkSums(dist=dist, entropy=ent, negent=negent, prefix=prefix, cross=cross, js=js_mat, colsum=colsum,
+                     rowsum_err=rowsum_err)
 
 
 def finalize_image_stats(s: ChunkSums, num_queries: int, uniform_distance: float,

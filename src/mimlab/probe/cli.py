@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for CIs (0 = none)")
     g.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
                    help="dtype of the per-chunk attention math (sums are always float64)")
+    g.add_argument("--no-js", action="store_true",
+                   help="skip Jensen-Shannon head diversity (the costliest statistic; reported as NaN)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the statistics kernel: fused loops, faster on long runs, ~20-60 s to compile")
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ProbeConfig(renormalize=not args.no_renormalize, kl_eps=args.kl_eps, nmi_norm=args.nmi_norm,
                       cka=not args.no_cka, cka_features=args.cka_features, bootstrap=args.bootstrap,
-                      stats_dtype=args.stats_dtype, seed=args.seed)
+                      stats_dtype=args.stats_dtype, js=not args.no_js, compile=args.compile, seed=args.seed)
     req = ProbeRequest(models=args.models, data=args.data, images=args.images, batch_size=args.batch_size,
                        out=args.out, device=args.device, seed=args.seed, model_kwargs=args.model_kwargs,
                        checkpoint_format=args.checkpoint_format, precision=args.precision, workers=args.workers,
