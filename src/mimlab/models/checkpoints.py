@@ -197,7 +197,7 @@ def detect_format(sd: Mapping[str, Any]) -> str:
     keys = list(_strip_ddp(dict.fromkeys(sd))[0])
     if any(k.startswith("base_encoder.") for k in keys):
         return "mocov3"
-    if any(k.startswith("encoder.blocks.") for k in keys):
+    if any(k.startswith(("encoder.blocks.", "encoder.layers.")) for k in keys):
         return "simmim"
     if any(k.startswith(("decoder_embed.", "decoder_blocks.", "decoder_pred.")) for k in keys):
         return "mae"
@@ -283,6 +283,26 @@ def _convert_simmim(w: _Work, path_hint: str) -> None:
     w.strip_prefix("encoder.")
     if w.drop(["mask_token"]):
         w.note("dropped the SimMIM mask token")
+    if any(re.match(r"layers\.\d+\.blocks\.", k) for k in w.sd):
+        _convert_official_swin(w)
+
+
+def _convert_official_swin(w: _Work) -> None:
+    """Official Swin/SwinV2 encoder (SimMIM and Swin-Transformer repos) -> timm SwinTransformer(V2) names.
+
+    The official stages downsample at their END (`layers.i.downsample`, i < last), timm's at their START
+    (`layers.{i+1}.downsample`); the window mask (`attn_mask`) and SwinV2's `relative_coords_table` are buffers the
+    model computes from its own input size and window. Relative position bias tables of another window size are
+    resized afterwards like every table (`_resize_tables`); SwinV2's continuous position bias needs no resizing
+    (build the model with `pretrained_window_sizes` = the pretraining window, as the official fine-tuning does).
+    """
+    buffers = w.drop([k for k in w.sd if k.endswith((".attn_mask", "attn.relative_coords_table"))])
+    if buffers:
+        w.note(f"skipped {len(buffers)} Swin attn_mask / relative_coords_table buffers (recomputed by the model)")
+    if "layers.0.downsample.reduction.weight" in w.sd:
+        w.rename(lambda k: re.sub(r"^layers\.(\d+)\.downsample\.",
+                                  lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k))
+        w.note("moved the official end-of-stage downsampling layers.i.downsample to timm's layers.{i+1}.downsample")
 
 
 def _rename_layer_scale(w: _Work, model_keys: set[str]) -> None:

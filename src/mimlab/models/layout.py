@@ -99,3 +99,90 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every transformer block (its output is the residual stream used for CKA), in depth order."""
     return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+
+
+# ------------------------------------------------------------------------------------------------ windowed attention
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Where the tokens of one (shifted) window-attention block sit in the input image (Swin, SwinV2).
+
+    The block sees a `feat[0] x feat[1]` token map whose tokens cover `token_px = (th, tw)` pixels each. It rolls the
+    map by `-shift` (cyclic shift: shifted[r, c] = x[(r + s0) mod H, (c + s1) mod W]), cuts it into row-major
+    `window[0] x window[1]` windows (window w = wr * (W / ww) + wc; inside a window tokens are row-major) and
+    attends inside each window. With a shift, a window at the border holds tokens from up to 4 regions of the image
+    that are not neighbours; the model adds a large negative bias (-100 in Swin) to pairs from different regions.
+    The region of a shifted coordinate r along an axis of length L is 0 for r < L - window, 1 for r < L - shift,
+    else 2 (the Swin paper's masking, as in the official code and timm).
+    """
+
+    feat: tuple[int, int]
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    token_px: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        (H, W), (wh, ww), (s0, s1) = self.feat, self.window, self.shift
+        if wh <= 0 or ww <= 0 or H % wh or W % ww:
+            raise MimlabError(f"a {H}x{W} token map does not fit {wh}x{ww} windows (each side must be a multiple)")
+        if not (0 <= s0 < max(wh, 1) and 0 <= s1 < max(ww, 1)):
+            raise MimlabError(f"shift {self.shift} must lie in [0, window) = [0, {self.window})")
+
+    @property
+    def num_windows(self) -> int:
+        return (self.feat[0] // self.window[0]) * (self.feat[1] // self.window[1])
+
+    @property
+    def window_area(self) -> int:
+        return self.window[0] * self.window[1]
+
+    def _shifted_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nW, N) row and column of every window token in the shifted map."""
+        (H, W), (wh, ww) = self.feat, self.window
+        nwh, nww = H // wh, W // ww
+        wr = torch.arange(nwh).repeat_interleave(nww)                 # (nW,)
+        wc = torch.arange(nww).repeat(nwh)
+        a = torch.arange(wh).repeat_interleave(ww)                    # (N,)
+        c = torch.arange(ww).repeat(wh)
+        return wr[:, None] * wh + a[None, :], wc[:, None] * ww + c[None, :]
+
+    def true_positions(self) -> torch.Tensor:
+        """(nW, N, 2) integer (row, col) of every window token in the un-shifted token map (its true position)."""
+        r, c = self._shifted_coords()
+        return torch.stack([(r + self.shift[0]) % self.feat[0], (c + self.shift[1]) % self.feat[1]], dim=-1)
+
+    def regions(self) -> torch.Tensor:
+        """(nW, N) region label of every window token (all 0 without a shift)."""
+        r, c = self._shifted_coords()
+        (H, W), (wh, ww), (s0, s1) = self.feat, self.window, self.shift
+
+        def axis(v, L, w, s):
+            return (v >= L - w).long() + (v >= L - s).long() if s else torch.zeros_like(v)
+
+        return axis(r, H, wh, s0) * 3 + axis(c, W, ww, s1)
+
+    def same_region(self) -> torch.Tensor:
+        """(nW, N, N) bool: the pair may attend to each other (not masked by the shift)."""
+        g = self.regions()
+        return g[:, :, None] == g[:, None, :]
+
+    def distance_px(self, dtype=torch.float64) -> torch.Tensor:
+        """(nW, N, N) Euclidean pixel distance between the TRUE image positions of the tokens of each window
+        (token centres: ((row + 0.5) * th, (col + 0.5) * tw)). Pairs from different shift regions get their true,
+        large distance; their attention weight is ~e^-100 anyway."""
+        pos = self.true_positions().to(dtype)
+        th, tw = self.token_px
+        px = torch.stack([(pos[..., 0] + 0.5) * th, (pos[..., 1] + 0.5) * tw], dim=-1)
+        return torch.cdist(px, px)
+
+    def uniform_distance_px(self) -> float:
+        """Mean attention distance of uniform attention over the keys a query may attend to (its window; with a
+        shift, the keys of its own region), averaged over all queries of the image: the per-window baseline."""
+        d = self.distance_px()
+        allowed = self.same_region().to(d.dtype)
+        per_query = (d * allowed).sum(-1) / allowed.sum(-1)
+        return float(per_query.mean())
+
+    def to_dict(self) -> dict:
+        return {"feat": list(self.feat), "window": list(self.window), "shift": list(self.shift),
+                "token_px": list(self.token_px), "num_windows": self.num_windows}

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from mimlab.errors import MimlabError
-from mimlab.models.layout import TokenLayout, attention_modules, block_modules, inspect_layout
 from mimlab.probe.accumulate import StreamingMean, percentile_ci
 from mimlab.probe.attention_stats import METRICS, ChunkSums, attention_logits, chunk_sums, finalize_image_stats
 from mimlab.probe.capture import CaptureError, SDPACall, capture_attention
+from mimlab.probe.families import capture_softmax, per_image_window_mean
 from mimlab.probe.cka import MinibatchCKA, gram_linear
 
 CKA_FEATURES = ("flatten", "mean", "cls")
@@ -79,63 +79,88 @@ def _compiled_kernel():
 
 
 class _ModelProbe:
-    """Per-model state: layout, watched modules, accumulators, this batch's buffers."""
+    """Per-model state: family adapter (layers, geometry, capture), accumulators, this batch's buffers."""
 
     def __init__(self, pm: ProbeModel, cfg: ProbeConfig, device: torch.device):
+        from mimlab.probe.families import adapter_for
+
         self.pm = pm
         self.cfg = cfg
         self.model = pm.model
-        self.layout: TokenLayout = inspect_layout(self.model)
-        self.attn = attention_modules(self.model)
-        self.blocks = block_modules(self.model)
+        self.adapter = adapter_for(self.model)
+        self.layers = self.adapter.layers
+        self.attn = [(layer.name, layer.module) for layer in self.layers]
+        self.blocks = self.adapter.blocks
         self.index = {name: i for i, (name, _) in enumerate(self.attn)}
         self.num_heads = [int(getattr(m, "num_heads", 0)) for _, m in self.attn]
         self.dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
-        self.dist = self.layout.distance_matrix_px().to(device=device, dtype=self.dtype)
-        self.uniform = self.layout.uniform_distance_px()
+        self.dists = [layer.dist.to(device=device, dtype=self.dtype) for layer in self.layers]
         self.means: list[StreamingMean | None] = [None] * len(self.attn)
         self.batch_values: list[torch.Tensor | None] = [None] * len(self.attn)
         self.batch_grams: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.max_rowsum_err = 0.0
         self.kernel = _compiled_kernel() if cfg.compile else None
-        if cfg.cka_features == "cls" and self.layout.num_prefix_tokens == 0:
+        if cfg.cka_features == "cls" and self.adapter.num_prefix == 0:
             raise MimlabError(f"{pm.label}: --cka-features cls needs a prefix token; this model has none")
 
     # -- attention ------------------------------------------------------------------------------------------
-    def on_attention(self, name: str, call: SDPACall) -> None:
+    def on_attention(self, name: str, call) -> None:
         li = self.index[name]
-        q, k = call.q, call.k
+        layer = self.layers[li]
+        sdpa = isinstance(call, SDPACall)
+        q = call.q if sdpa else call.logits
         if q.dim() != 4:
-            raise CaptureError(f"{self.pm.label}/{name}: expected q of shape (B, H, N, d), got {tuple(q.shape)}")
+            what = "q" if sdpa else "softmaxed logits"
+            raise CaptureError(f"{self.pm.label}/{name}: expected {what} of shape (B, H, N, .), got {tuple(q.shape)}")
         B, H, N, _ = q.shape
-        P = self.layout.num_prefix_tokens
-        if N != self.layout.num_tokens or k.shape[-2] != N:
-            raise CaptureError(
-                f"{self.pm.label}/{name}: attention sees {N} queries x {k.shape[-2]} keys but the inspected layout is "
-                f"{P} prefix + {self.layout.grid[0]}x{self.layout.grid[1]} patches = {self.layout.num_tokens} tokens")
-        mask = call.attn_mask
-        if mask is not None:
-            while mask.dim() < 4:
-                mask = mask.unsqueeze(0)
-        qd, kd = q.to(self.dtype), k.to(self.dtype)
+        nk = call.k.shape[-2] if sdpa else call.logits.shape[-1]
+        P = layer.num_prefix
+        if N != layer.num_tokens or nk != N:
+            if layer.geometry is None:
+                raise CaptureError(
+                    f"{self.pm.label}/{name}: attention sees {N} queries x {nk} keys but the inspected layout is "
+                    f"{P} prefix + {self.adapter.info['grid'][0]}x{self.adapter.info['grid'][1]} patches = "
+                    f"{layer.num_tokens} tokens")
+            g = layer.geometry
+            raise CaptureError(f"{self.pm.label}/{name}: attention sees {N} queries x {nk} keys but the block's "
+                               f"window is {g.window[0]}x{g.window[1]} = {g.window_area} tokens")
+        nw = layer.num_windows
+        if B % nw:
+            raise CaptureError(f"{self.pm.label}/{name}: attention batch {B} is not a multiple of the "
+                               f"{nw} windows per image")
+        if sdpa:
+            mask = call.attn_mask
+            if mask is not None:
+                while mask.dim() < 4:
+                    mask = mask.unsqueeze(0)
+            qd, kd = q.to(self.dtype), call.k.to(self.dtype)
         nq_total = N - P
         per_image = H * nq_total * N
         b_chunk = max(1, self.cfg.chunk_elements // max(per_image, 1))
         q_chunk = nq_total if b_chunk > 1 or per_image <= self.cfg.chunk_elements else \
             max(1, self.cfg.chunk_elements // (H * N))
+        dist = self.dists[li]
         values = []
         for b0 in range(0, B, b_chunk):
             b1 = min(B, b0 + b_chunk)
             sums: ChunkSums | None = None
             for q0 in range(P, N, q_chunk):
                 q1 = min(N, q0 + q_chunk)
-                m = None
-                if mask is not None:
-                    m = mask[b0:b1] if mask.shape[0] == B else mask
-                    m = m[..., q0:q1, :]
-                logits = attention_logits(qd[b0:b1, :, q0:q1], kd[b0:b1], m, call.scale, call.is_causal, q0)
+                if sdpa:
+                    m = None
+                    if mask is not None:
+                        m = mask[b0:b1] if mask.shape[0] == B else mask
+                        m = m[..., q0:q1, :]
+                    logits = attention_logits(qd[b0:b1, :, q0:q1], kd[b0:b1], m, call.scale, call.is_causal, q0)
+                else:
+                    logits = call.logits[b0:b1, :, q0:q1].to(self.dtype)
+                if layer.geometry is None:
+                    dist_rows = dist[q0 - P:q1 - P]
+                else:   # window w of image b is attention batch b * nW + w
+                    win = torch.arange(b0, b1, device=dist.device) % nw
+                    dist_rows = dist[win][:, None, q0:q1, :]
                 try:
-                    part = chunk_sums(logits, num_prefix=P, dist_rows=self.dist[q0 - P:q1 - P],
+                    part = chunk_sums(logits, num_prefix=P, dist_rows=dist_rows,
                                       eps=self.cfg.kl_eps, renormalize=self.cfg.renormalize, js=self.cfg.js,
                                       kernel=self.kernel)
                 except FloatingPointError as e:
@@ -150,21 +175,24 @@ class _ModelProbe:
             if not err <= 1e-3:
                 raise CaptureError(f"{self.pm.label}/{name}: captured attention rows do not sum to 1 "
                                    f"(max error {err:.2e})")
-            vals = finalize_image_stats(sums, nq_total, self.uniform, self.cfg.nmi_norm)
+            vals = finalize_image_stats(sums, nq_total, layer.uniform, self.cfg.nmi_norm)
             if not self.cfg.js:   # not computed: say so, never a silent 0
                 vals["head_js"] = torch.full_like(vals["head_js"], float("nan"))
             values.append(torch.stack([vals[m_] for m_ in METRICS], dim=-1))   # (b, H, M)
-        self.batch_values[li] = torch.cat(values, 0)
+        out = torch.cat(values, 0)
+        if nw > 1:   # per window -> mean over the windows of each image
+            out = per_image_window_mean(out, nw)
+        self.batch_values[li] = out
 
     # -- CKA features -----------------------------------------------------------------------------------------
     def block_hook(self, index: int):
         def hook(module, args, output):
-            x = output[0] if isinstance(output, (tuple, list)) else output
+            x = self.adapter.tokens(output)
             if not torch.isfinite(x).all():
                 raise MimlabError(f"{self.pm.label}: non-finite values (NaN/inf) in the output of {self.blocks[index][0]}")
             if not self.cfg.cka:
                 return
-            P = self.layout.num_prefix_tokens
+            P = self.adapter.num_prefix
             if self.cfg.cka_features == "flatten":
                 feats = x
             elif self.cfg.cka_features == "mean":
@@ -180,12 +208,13 @@ class _ModelProbe:
         self.batch_grams = [None] * len(self.blocks)
         handles = [m.register_forward_hook(self.block_hook(i)) for i, (_, m) in enumerate(self.blocks)]
         try:
-            with capture_attention(self.attn, self.on_attention):
+            capture = capture_attention if self.adapter.capture == "sdpa" else capture_softmax
+            with capture(self.attn, self.on_attention):
                 if autocast is not None:
                     with autocast:
-                        self.model.forward_features(x)
+                        self.adapter.forward(x)
                 else:
-                    self.model.forward_features(x)
+                    self.adapter.forward(x)
         finally:
             for h in handles:
                 h.remove()
@@ -204,7 +233,11 @@ class _ModelProbe:
         for li, (name, _) in enumerate(self.attn):
             acc = self.means[li]
             mean = acc.mean()                                  # (H, M)
-            entry: dict[str, Any] = {"name": name, "stage": None, "num_heads": int(mean.shape[0])}
+            layer = self.layers[li]
+            entry: dict[str, Any] = {"name": name, "stage": layer.stage, "num_heads": int(mean.shape[0])}
+            if layer.geometry is not None:
+                entry["window"] = layer.geometry.to_dict()
+                entry["uniform_distance_px"] = layer.uniform
             for mi, metric in enumerate(METRICS):
                 entry[metric] = mean[:, mi].tolist()
             entry["layer_mean"] = {metric: float(mean[:, mi].mean()) for mi, metric in enumerate(METRICS)}
@@ -218,8 +251,9 @@ class _ModelProbe:
             layers.append(entry)
         pm = self.pm
         out = {"arch": pm.arch or type(self.model).__name__, "checkpoint": pm.checkpoint,
-               "checkpoint_sha256": pm.checkpoint_sha256, "random_init": bool(pm.random_init), "family": "vit",
-               **self.layout.to_dict(), "uniform_distance_px": self.uniform,
+               "checkpoint_sha256": pm.checkpoint_sha256, "random_init": bool(pm.random_init),
+               "family": self.adapter.family, **self.adapter.info,
+               "uniform_distance_px": self.adapter.uniform_distance(),
                "max_rowsum_error": self.max_rowsum_err, "layers": layers}
         out.update(pm.extra)
         return out

@@ -130,7 +130,8 @@ def chunk_sums(logits: torch.Tensor, *, num_prefix: int, dist_rows: torch.Tensor
                renormalize: bool = True, js: bool = True, kernel=None) -> ChunkSums:
     """Statistics of the patch-query rows in `logits` (b, H, nq, N) whose keys are all N tokens.
 
-    `dist_rows` (nq, K), K = N - num_prefix: pixel distances from these queries to every patch key.
+    `dist_rows` (nq, K), K = N - num_prefix: pixel distances from these queries to every patch key; or any shape
+    that broadcasts against (b, H, nq, K), e.g. (b, 1, nq, K) when each batch item (a Swin window) has its own.
     Numerics: the elementwise work runs in the dtype of `logits`; row log-sum-exps and all sums over queries are
     float64. Log-probabilities are kept relative to uniform (log(K p) = (s - max) - (log sum exp(s - max) - log K)),
     so nearly uniform attention (random init) keeps full relative precision in KL, JS and NMI, whose values are

@@ -101,3 +101,79 @@ def linear_cka_full_batch(X, Y):
 
     K, L = X @ X.T, Y @ Y.T
     return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
+
+
+# ------------------------------------------------------------------------------------- windowed (Swin) reference
+
+def swin_attention_maps_float64(model, x, dtype=torch.float64):
+    """For a timm SwinTransformer / SwinTransformerV2: list over blocks (stage-major) of
+    (maps (B*nW, H, N, N) post-softmax, block) via the non-fused path (input of `attn_drop`), in float64."""
+    m = copy.deepcopy(model).to(dtype).eval()
+    maps, blocks, handles = [], [], []
+    for stage in m.layers:
+        for blk in stage.blocks:
+            if hasattr(blk.attn, "fused_attn"):
+                blk.attn.fused_attn = False
+            blocks.append(blk)
+            handles.append(blk.attn.attn_drop.register_forward_hook(
+                lambda mod, inp, out: maps.append(inp[0].detach())))
+    with torch.no_grad():
+        m.forward_features(x.to(dtype))
+    for h in handles:
+        h.remove()
+    return [(a.numpy(), b) for a, b in zip(maps, blocks)]
+
+
+def swin_window_positions(feat, window, shift):
+    """(nW, N, 2) true (row, col) of every token of every window: roll a map of coordinates by -shift exactly as
+    the block rolls its input (numpy), then cut it into row-major windows."""
+    H, W = feat
+    wh, ww = window
+    rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    coords = np.stack([rows, cols], -1)
+    coords = np.roll(coords, shift=(-shift[0], -shift[1]), axis=(0, 1))
+    coords = coords.reshape(H // wh, wh, W // ww, ww, 2).transpose(0, 2, 1, 3, 4)
+    return coords.reshape(-1, wh * ww, 2)
+
+
+def reference_window_metrics(A, positions, token_px, allowed, eps=1e-8):
+    """Per-head metrics (H,) for one window-attention block: A (B*nW, H, N, N) maps, positions (nW, N, 2) true
+    token positions, token_px (th, tw), allowed (nW, N, N) bool (the model's shift mask == 0). Every statistic is
+    computed per window (as for an image), then averaged over the windows of an image, then over images."""
+    BW, H, N, _ = A.shape
+    nW = positions.shape[0]
+    B = BW // nW
+    px = np.stack([(positions[..., 0] + 0.5) * token_px[0], (positions[..., 1] + 0.5) * token_px[1]], -1)
+    D = np.sqrt(((px[:, :, None, :] - px[:, None, :, :]) ** 2).sum(-1))          # (nW, N, N)
+    uniform = ((D * allowed).sum(-1) / allowed.sum(-1)).mean()
+    Dw = np.tile(D, (B, 1, 1))[:, None]                                           # (B*nW, 1, N, N)
+    p = A / A.sum(-1, keepdims=True)
+    dist = (p * Dw).sum(-1)                                                       # (BW, H, N)
+
+    def xlogy(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * np.log(np.where(b > 0, b, 1.0)), 0.0)
+
+    ent = -xlogy(p, p).sum(-1)
+    kl = np.zeros((BW, H))
+    js = np.zeros((BW, H))
+    for h in range(H):
+        for g in range(H):
+            if g == h:
+                continue
+            kl[:, h] += (p[:, h] * (np.log(p[:, h] + eps) - np.log(p[:, g] + eps))).sum(-1).mean(-1) / (H - 1)
+            mix = 0.5 * (p[:, h] + p[:, g])
+            jsv = 0.5 * (xlogy(p[:, h], p[:, h]) - xlogy(p[:, h], mix)).sum(-1) \
+                + 0.5 * (xlogy(p[:, g], p[:, g]) - xlogy(p[:, g], mix)).sum(-1)
+            js[:, h] += jsv.mean(-1) / (H - 1)
+    pk = p.mean(2)
+    hk = -xlogy(pk, pk).sum(-1)
+    nmi = (hk - ent.mean(-1)) / np.sqrt(np.log(N) * hk)
+
+    def per_image(v):                                                             # (BW, H) -> (H,)
+        return v.reshape(B, nW, H).mean(1).mean(0)
+
+    d = per_image(dist.mean(-1))
+    return {"attention_distance_px": d, "attention_distance_norm": d / uniform, "head_kl": per_image(kl),
+            "head_js": per_image(js), "entropy": per_image(ent.mean(-1)), "prefix_mass": np.zeros(H),
+            "nmi": per_image(nmi)}

@@ -13,6 +13,7 @@ from mimlab.models.factory import ModelSpec, create_model, parse_model_kwargs, p
 from mimlab.probe.api import ProbeConfig, ProbeModel, ProbeResult, probe
 
 BUILTIN_PREFIX = "builtin"
+HF_PREFIX = "hf:"
 
 
 @dataclass
@@ -47,6 +48,15 @@ def _specs(req: ProbeRequest) -> list[ModelSpec]:
     if dup:
         raise MimlabError(f"duplicate model label(s) {', '.join(dup)}: name them, e.g. a=ARCH@CKPT b=ARCH@CKPT")
     for s in specs:
+        if s.arch.startswith(HF_PREFIX):
+            if s.checkpoint is not None:
+                raise MimlabError(f"{s.label}: hf:PATH models load their weights from PATH; drop '@{s.checkpoint}'")
+            if s.kwargs:
+                raise MimlabError(f"{s.label}: --model-kwargs do not apply to hf:PATH models (their config.json "
+                                  "defines them)")
+            if s.label == s.arch:    # default label: the directory name (a label may not contain '/')
+                s.label = HF_PREFIX + (Path(s.arch[len(HF_PREFIX):]).name or "model")
+            continue
         if s.checkpoint is not None and not Path(s.checkpoint).exists():
             raise MimlabError(f"{s.label}: checkpoint {s.checkpoint} does not exist")
     return specs
@@ -55,6 +65,14 @@ def _specs(req: ProbeRequest) -> list[ModelSpec]:
 def build_models(req: ProbeRequest) -> list[ProbeModel]:
     out = []
     for spec in _specs(req):
+        if spec.arch.startswith(HF_PREFIX):
+            from mimlab.models.hf import load_hf_model
+
+            path = spec.arch[len(HF_PREFIX):]
+            model, info = load_hf_model(path)
+            out.append(ProbeModel(label=spec.label, model=model, arch=spec.arch, checkpoint=str(Path(path).resolve()),
+                                  random_init=False, extra=info))
+            continue
         model, report = create_model(spec.arch, spec.kwargs, checkpoint=spec.checkpoint,
                                      checkpoint_format=req.checkpoint_format)
         extra: dict[str, Any] = {"model_kwargs": {k: list(v) if isinstance(v, tuple) else v
@@ -72,12 +90,37 @@ def build_models(req: ProbeRequest) -> list[ProbeModel]:
 def _transform_for(model: torch.nn.Module):
     import timm.data
 
-    from mimlab.models.layout import inspect_layout
+    from mimlab.models.hf import is_hf_model
+    from mimlab.probe.families import adapter_for
 
-    cfg = timm.data.resolve_model_data_config(model)
+    size = adapter_for(model).img_size
+    if is_hf_model(model):
+        cfg = _hf_data_config(model, size)
+    else:
+        cfg = timm.data.resolve_model_data_config(model)
     # the pretrained config describes the registered size; the model in hand may have been built for another
-    cfg["input_size"] = (3, *inspect_layout(model).img_size)
+    cfg["input_size"] = (3, *size)
     return timm.data.create_transform(**cfg, is_training=False), cfg
+
+
+def _hf_data_config(model: torch.nn.Module, size) -> dict:
+    """Normalisation of a HF model: image_mean/std of preprocessor_config.json next to its weights if present,
+    else ImageNet's; images are resized (bicubic) and centre-cropped to the model's size (crop_pct 1)."""
+    import json
+
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    src = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+    pp = Path(src) / "preprocessor_config.json" if src else None
+    if pp is not None and pp.is_file():
+        try:
+            d = json.loads(pp.read_text())
+            mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
+        except (OSError, ValueError) as e:
+            raise MimlabError(f"cannot read {pp}: {e}") from None
+    return {"input_size": (3, *size), "interpolation": "bicubic", "mean": tuple(mean), "std": tuple(std),
+            "crop_pct": 1.0, "crop_mode": "center"}
 
 
 def make_batches(req: ProbeRequest, models: Sequence[ProbeModel]):
@@ -175,12 +218,14 @@ def summary_lines(result: ProbeResult) -> list[str]:
     """A compact terminal summary: per model, per layer means of the main metrics."""
     lines = []
     for label, m in result.models.items():
+        u = m.get("uniform_distance_px")
+        uni = f"uniform distance {u:.2f} px" if u is not None else "uniform distance per window (see layers)"
         lines.append(f"{label}  ({m['arch']}, {m['num_prefix_tokens']} prefix, grid {m['grid'][0]}x{m['grid'][1]}, "
-                     f"uniform distance {m['uniform_distance_px']:.2f} px{', RANDOM INIT' if m['random_init'] else ''})")
-        lines.append("  layer  dist_px  dist_norm  head_kl   head_js   entropy  prefix   nmi")
+                     f"{uni}{', RANDOM INIT' if m['random_init'] else ''})")
+        lines.append("  layer  dist_px  dist_norm   head_kl    head_js  entropy  prefix       nmi")
         for i, layer in enumerate(m["layers"]):
             mm = layer["layer_mean"]
             lines.append(f"  {i:5d}  {mm['attention_distance_px']:7.2f}  {mm['attention_distance_norm']:9.3f}  "
-                         f"{mm['head_kl']:8.4f}  {mm['head_js']:8.4f}  {mm['entropy']:7.3f}  "
-                         f"{mm['prefix_mass']:6.3f}  {mm['nmi']:6.3f}")
+                         f"{mm['head_kl']:8.3g}  {mm['head_js']:9.3g}  {mm['entropy']:7.3f}  "
+                         f"{mm['prefix_mass']:6.3f}  {mm['nmi']:8.3g}")
     return lines

@@ -1,0 +1,265 @@
+"""Hugging Face transformers vision models for the probe: loading from a local directory and their token layouts.
+
+`ARCH` = `hf:PATH` on the command line: PATH is a `save_pretrained` directory (config.json + weights). Supported
+`model_type`s: vit, deit, beit, vit_mae, swin (base models; a checkpoint saved from a task model, e.g.
+ViTForImageClassification, loads its backbone and the head is reported as unused). Attention is forced to the
+"eager" implementation (the logits go through one `F.softmax`, which `mimlab.probe.families.capture_softmax`
+intercepts). Nothing is downloaded: `local_files_only=True`. transformers is an optional dependency
+(`pip install mimlab[hf]`) and is imported lazily.
+
+ViTMAE: its embedding randomly shuffles and drops tokens. The probe sets `mask_ratio = 0` for its forward and passes
+`noise = arange(L)` so that the shuffle is the identity, then checks the returned `ids_restore` and `mask` (a
+CaptureError if the token order is not the identity or any token is masked).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mimlab.errors import MimlabError
+from mimlab.models.layout import TokenLayout
+
+HF_PREFIX = "hf:"
+SUPPORTED_TYPES = ("vit", "deit", "beit", "vit_mae", "swin")
+_MODEL_CLASSES = {"vit": "ViTModel", "deit": "DeiTModel", "beit": "BeitModel", "vit_mae": "ViTMAEModel",
+                  "swin": "SwinModel"}
+_PREFIX_TOKENS = {"vit": 1, "deit": 2, "beit": 1, "vit_mae": 1}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise MimlabError("hf: models need the optional dependency transformers: pip install 'mimlab[hf]'") from None
+    return transformers
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a save_pretrained directory, with one-line errors for what is missing or unsupported."""
+    p = Path(path)
+    if not p.is_dir():
+        raise MimlabError(f"hf:{path}: not a directory (expected a save_pretrained directory with config.json)")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise MimlabError(f"hf:{path}: no config.json in this directory (not a Hugging Face save_pretrained "
+                          "directory)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise MimlabError(f"hf:{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
+    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if mt not in SUPPORTED_TYPES:
+        raise MimlabError(f"hf:{path}: unsupported architecture model_type={mt!r} in config.json; supported: "
+                          f"{', '.join(SUPPORTED_TYPES)}")
+    return cfg
+
+
+def load_hf_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the base model of a local save_pretrained directory with eager attention.
+
+    Returns (model in eval mode, info for provenance). Weights the model needs but the directory lacks are an error
+    (except the optional pooler); weights the directory has but the base model does not use (task heads,
+    decoders) are reported in info["unused_keys"].
+    """
+    cfg = read_config(path)
+    tf = _transformers()
+    cls = getattr(tf, _MODEL_CLASSES[cfg["model_type"]])
+    kwargs: dict[str, Any] = {}
+    if cfg["model_type"] in ("vit", "deit", "beit", "swin"):
+        kwargs["add_pooling_layer"] = False
+    try:
+        model, loading = cls.from_pretrained(str(path), attn_implementation="eager", local_files_only=True,
+                                             output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise MimlabError(f"hf:{path}: cannot load {cls.__name__}: {str(e).strip().splitlines()[0]}") from None
+    missing = sorted(k for k in loading.get("missing_keys", []) if not k.startswith("pooler."))
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise MimlabError(f"hf:{path}: {len(missing)} weights of {cls.__name__} are not in the directory: {shown}")
+    mismatched = loading.get("mismatched_keys", [])
+    if mismatched:
+        raise MimlabError(f"hf:{path}: shape mismatches: {mismatched[:5]}")
+    force_eager(model)
+    info = {"hf_model_type": cfg["model_type"], "hf_class": cls.__name__,
+            "unused_keys": sorted(loading.get("unexpected_keys", [])), "attn_implementation": "eager"}
+    return model.eval(), info
+
+
+def force_eager(model: nn.Module) -> None:
+    """Switch a transformers model to eager attention (one softmax over explicit logits)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        try:
+            setter("eager")
+        except (ValueError, TypeError):
+            pass
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        model.config._attn_implementation = "eager"
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        raise MimlabError(f"{type(model).__name__}: cannot switch attention to 'eager'")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, nn.Module) else model
+
+
+def _layer_list(base: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a ViT-like HF model (transformers 5: `layers`; 4.x: `encoder.layer`)."""
+    for path in ("layers", "encoder.layer", "encoder.layers"):
+        obj: Any = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) and hasattr(obj[0], "attention"):
+            return obj
+    raise MimlabError(f"{type(base).__name__}: cannot find its transformer layers (layers / encoder.layer)")
+
+
+def token_layout(model: nn.Module) -> TokenLayout:
+    """Prefix tokens + patch grid of a ViT-like HF model, from its config."""
+    cfg = model.config
+    mt = cfg.model_type
+    if mt not in _PREFIX_TOKENS:
+        raise MimlabError(f"{type(model).__name__}: model_type {mt!r} has no ViT token layout")
+    img, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
+    if img[0] % patch[0] or img[1] % patch[1]:
+        raise MimlabError(f"{type(model).__name__}: image_size {img} is not a multiple of patch_size {patch}")
+    return TokenLayout(num_prefix_tokens=_PREFIX_TOKENS[mt], grid=(img[0] // patch[0], img[1] // patch[1]),
+                       patch_size=patch)
+
+
+def hf_adapter(model: nn.Module):
+    """The probe adapter for a supported HF model (see `mimlab.probe.families`)."""
+    from mimlab.probe.families import ModelAdapter, global_layers
+
+    base = _base(model)
+    mt = getattr(base.config, "model_type", None)
+    if mt not in SUPPORTED_TYPES:
+        raise MimlabError(f"{type(model).__name__}: unsupported Hugging Face model_type {mt!r}; supported: "
+                          f"{', '.join(SUPPORTED_TYPES)}")
+    force_eager(base)
+    if mt == "swin":
+        return _swin_adapter(base)
+    layout = token_layout(base)
+    layers = _layer_list(base)
+    named = [(f"layers.{i}", layer.attention) for i, layer in enumerate(layers)]
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(layers)]
+    forward = _vitmae_forward(base) if mt == "vit_mae" else (lambda x: base(pixel_values=x))
+    info = {**layout.to_dict(), "hf_model_type": mt}
+    return ModelAdapter(family="vit", capture="softmax", layers=global_layers(named, layout), blocks=blocks,
+                        num_prefix=layout.num_prefix_tokens, img_size=layout.img_size, info=info, forward_fn=forward)
+
+
+def _vitmae_forward(base: nn.Module):
+    """ViTMAE forward with masking disabled and the identity token order, verified on every batch."""
+    from mimlab.probe.capture import CaptureError
+
+    def forward(x: torch.Tensor) -> None:
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            seen["mask"], seen["ids_restore"] = output[1], output[2]
+
+        L = base.embeddings.patch_embeddings.num_patches
+        noise = torch.arange(L, device=x.device, dtype=torch.float32).expand(x.shape[0], L)
+        old = base.config.mask_ratio
+        base.config.mask_ratio = 0.0
+        handle = base.embeddings.register_forward_hook(grab)
+        try:
+            base(pixel_values=x, noise=noise)
+        finally:
+            handle.remove()
+            base.config.mask_ratio = old
+        ids = seen.get("ids_restore")
+        if ids is None or not torch.equal(ids.cpu(), torch.arange(L).expand(x.shape[0], L)) or \
+                bool(seen["mask"].any()):
+            raise CaptureError("ViTMAE: the token order after the embedding is not the identity or tokens are "
+                               "masked; cannot place tokens on the patch grid")
+    return forward
+
+
+def _swin_adapter(base: nn.Module):
+    """HF SwinModel: `encoder.layers[s].blocks[j].attention`; window clamped like HF (window = min(feature map)
+    and no shift when the map is not larger than the window); the block's own shift mask is checked."""
+    from mimlab.probe.families import ModelAdapter, _check_shift_mask, swin_geometry, window_layer
+
+    cfg = base.config
+    img, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
+    label = f"hf swin ({type(base).__name__})"
+    layers, blocks = [], []
+    for s, stage in enumerate(base.encoder.layers):
+        for j, blk in enumerate(stage.blocks):
+            name = f"layers.{s}.blocks.{j}"
+            feat = _pair(blk.input_resolution)
+            win, shift = int(blk.window_size), int(blk.shift_size)
+            if min(feat) <= win:
+                win, shift = min(feat), 0
+            geom = swin_geometry(label, img, feat, (win, win), (shift, shift))
+            blk.set_shift_and_window_size(feat)
+            mask = blk.get_attn_mask(feat[0], feat[1], dtype=torch.float32, device=torch.device("cpu"))
+            _check_shift_mask(label, name, geom, mask)
+            layers.append(window_layer(name, blk.attention, s, geom))
+            blocks.append((name, blk))
+    first = layers[0].geometry
+    info = {"num_prefix_tokens": 0, "grid": list(first.feat), "patch_size": list(patch), "img_size": list(img),
+            "stages": len(base.encoder.layers), "hf_model_type": "swin",
+            "windows": {layer.name: layer.geometry.to_dict() for layer in layers}}
+    return ModelAdapter(family="swin", capture="softmax", layers=layers, blocks=blocks, num_prefix=0, img_size=img,
+                        info=info, forward_fn=lambda x: base(pixel_values=x))
+
+
+# ---------------------------------------------------------------------------------------- weights for timm parity
+
+def _linear(mod: nn.Module, *names: str) -> nn.Linear:
+    for n in names:
+        obj: Any = mod
+        for part in n.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.Linear):
+            return obj
+    raise MimlabError(f"{type(mod).__name__}: none of {', '.join(names)} is a Linear layer")
+
+
+def hf_vit_to_timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict for timm `VisionTransformer` (class token, absolute pos_embed, fused qkv) from a HF ViT/ViTMAE
+    model (transformers 5 names `q_proj/k_proj/v_proj/o_proj`, `mlp.fc1/fc2`; 4.x names `attention.attention.query`
+    ..., `intermediate.dense`, `output.dense`). Build the timm model with the HF config's sizes, `qkv_bias`
+    = config.qkv_bias and LayerNorm eps = config.layer_norm_eps (timm's default is 1e-6, HF ViT's 1e-12)."""
+    base = _base(model)
+    emb = base.embeddings
+    sd: dict[str, torch.Tensor] = {
+        "cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
+        "patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
+        "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
+    }
+    for i, layer in enumerate(_layer_list(base)):
+        att = layer.attention
+        q = _linear(att, "q_proj", "attention.query")
+        k = _linear(att, "k_proj", "attention.key")
+        v = _linear(att, "v_proj", "attention.value")
+        o = _linear(att, "o_proj", "output.dense")
+        fc1 = _linear(layer, "mlp.fc1", "intermediate.dense")
+        fc2 = _linear(layer, "mlp.fc2", "output.dense")
+        p = f"blocks.{i}."
+        sd[p + "norm1.weight"], sd[p + "norm1.bias"] = layer.layernorm_before.weight, layer.layernorm_before.bias
+        sd[p + "norm2.weight"], sd[p + "norm2.bias"] = layer.layernorm_after.weight, layer.layernorm_after.bias
+        sd[p + "attn.qkv.weight"] = torch.cat([q.weight, k.weight, v.weight], 0)
+        if q.bias is not None:
+            sd[p + "attn.qkv.bias"] = torch.cat([q.bias, k.bias, v.bias], 0)
+        sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = o.weight, o.bias
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = fc1.weight, fc1.bias
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = fc2.weight, fc2.bias
+    sd["norm.weight"], sd["norm.bias"] = base.layernorm.weight, base.layernorm.bias
+    return {k: v.detach().clone() for k, v in sd.items()}
