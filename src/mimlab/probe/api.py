@@ -40,6 +40,7 @@ class ProbeConfig:
     chunk_elements: int = 1 << 22     # max logits elements per chunk (memory bound of the attention statistics)
     js: bool = True                   # Jensen-Shannon head diversity (the costliest statistic: all pairs of heads)
     compile: bool = False             # torch.compile the statistics kernel (fused loops; pays a one-off compile)
+    kernel: str = "auto"              # "auto": fused Triton kernel on CUDA when applicable, else torch; or force one
     seed: int = 0
 
     def validate(self) -> None:
@@ -47,6 +48,8 @@ class ProbeConfig:
             raise MimlabError(f"--cka-features must be one of {', '.join(CKA_FEATURES)}, not '{self.cka_features}'")
         if self.stats_dtype not in ("float32", "float64"):
             raise MimlabError(f"stats dtype must be float32 or float64, not '{self.stats_dtype}'")
+        if self.kernel not in ("auto", "torch", "triton"):
+            raise MimlabError(f"--stats-kernel must be auto, torch or triton, not '{self.kernel}'")
         if self.nmi_norm not in ("geometric", "arithmetic"):
             raise MimlabError(f"--nmi-norm must be geometric or arithmetic, not '{self.nmi_norm}'")
         if self.bootstrap < 0:
@@ -140,8 +143,12 @@ class _ModelProbe:
         q_chunk = nq_total if b_chunk > 1 or per_image <= self.cfg.chunk_elements else \
             max(1, self.cfg.chunk_elements // (H * N))
         dist = self.dists[li]
-        values = []
-        for b0 in range(0, B, b_chunk):
+        fused = self._fused_sums(call, mask, P, dist) if sdpa else None
+        if fused is not None:
+            values = [self._values(name, fused, nq_total, layer)]
+        else:
+            values = []
+        for b0 in range(0, B if fused is None else 0, b_chunk):
             b1 = min(B, b0 + b_chunk)
             sums: ChunkSums | None = None
             for q0 in range(P, N, q_chunk):
@@ -170,19 +177,47 @@ class _ModelProbe:
                 else:
                     sums += part
             assert sums is not None
-            err = float(sums.rowsum_err)
-            self.max_rowsum_err = max(self.max_rowsum_err, err)
-            if not err <= 1e-3:
-                raise CaptureError(f"{self.pm.label}/{name}: captured attention rows do not sum to 1 "
-                                   f"(max error {err:.2e})")
-            vals = finalize_image_stats(sums, nq_total, layer.uniform, self.cfg.nmi_norm)
-            if not self.cfg.js:   # not computed: say so, never a silent 0
-                vals["head_js"] = torch.full_like(vals["head_js"], float("nan"))
-            values.append(torch.stack([vals[m_] for m_ in METRICS], dim=-1))   # (b, H, M)
+            values.append(self._values(name, sums, nq_total, layer))
         out = torch.cat(values, 0)
         if nw > 1:   # per window -> mean over the windows of each image
             out = per_image_window_mean(out, nw)
         self.batch_values[li] = out
+
+    def _values(self, name: str, sums: ChunkSums, nq_total: int, layer) -> torch.Tensor:
+        """Per-image, per-head metric values (b, H, M) from the sums of complete images (or windows)."""
+        err = float(sums.rowsum_err)
+        self.max_rowsum_err = max(self.max_rowsum_err, err)
+        if not err <= 1e-3:
+            raise CaptureError(f"{self.pm.label}/{name}: captured attention rows do not sum to 1 "
+                               f"(max error {err:.2e})")
+        vals = finalize_image_stats(sums, nq_total, layer.uniform, self.cfg.nmi_norm)
+        if not self.cfg.js:   # not computed: say so, never a silent 0
+            vals["head_js"] = torch.full_like(vals["head_js"], float("nan"))
+        return torch.stack([vals[m_] for m_ in METRICS], dim=-1)
+
+    def _fused_sums(self, call, mask, P: int, dist) -> ChunkSums | None:
+        """The fused Triton kernel (CUDA, float32 statistics) when configured and applicable, else None."""
+        want = self.cfg.kernel
+        if want == "torch" or self.dtype != torch.float32 or call.is_causal or not call.q.is_cuda:
+            if want == "triton":
+                raise MimlabError("--stats-kernel triton needs CUDA, float32 statistics and non-causal attention")
+            return None
+        from mimlab.probe import triton_stats
+
+        if not triton_stats.is_available(call.q.device):
+            if want == "triton":
+                raise MimlabError("--stats-kernel triton: Triton is not available here")
+            return None
+        try:
+            out = triton_stats.fused_chunk_stats(call.q, call.k, mask, call.scale, P, dist, eps=self.cfg.kl_eps,
+                                                 js=self.cfg.js, renormalize=self.cfg.renormalize)
+        except triton_stats.UnsupportedStatsShape:
+            if want == "triton":
+                raise
+            return None
+        if not bool(out[8]):
+            raise MimlabError(f"{self.pm.label}: non-finite attention logits (NaN or inf)")
+        return ChunkSums(*out[:8])
 
     # -- CKA features -----------------------------------------------------------------------------------------
     def block_hook(self, index: int):

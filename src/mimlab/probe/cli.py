@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip Jensen-Shannon head diversity (the costliest statistic; reported as NaN)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the statistics kernel: fused loops, faster on long runs, ~20-60 s to compile")
+    p.add_argument("--stats-kernel", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: the fused Triton kernel on CUDA where it applies, else the torch path")
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ProbeConfig(renormalize=not args.no_renormalize, kl_eps=args.kl_eps, nmi_norm=args.nmi_norm,
                       cka=not args.no_cka, cka_features=args.cka_features, bootstrap=args.bootstrap,
-                      stats_dtype=args.stats_dtype, js=not args.no_js, compile=args.compile, seed=args.seed)
+                      stats_dtype=args.stats_dtype, js=not args.no_js, compile=args.compile, kernel=args.stats_kernel,
+                      seed=args.seed)
     req = ProbeRequest(models=args.models, data=args.data, images=args.images, batch_size=args.batch_size,
                        out=args.out, device=args.device, seed=args.seed, model_kwargs=args.model_kwargs,
                        checkpoint_format=args.checkpoint_format, precision=args.precision, workers=args.workers,

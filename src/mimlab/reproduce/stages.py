@@ -1,0 +1,87 @@
+"""Content-addressed stage cache for `mimlab reproduce`.
+
+A stage is named (e.g. `pretrain/simmim`) and keyed by the sha256 of its config plus the keys of the stages it
+reads from. Its outputs live in `ROOT/stages/<name>/` with a `stage.json` holding the key, written atomically when
+the stage finishes, together with a `run_id` that is new each time the stage actually runs. A stage's key covers
+the `run_id`s of its inputs, so rerunning a stage (its config changed, `--force`, or its folder deleted) changes
+the keys of every stage downstream of it and they rerun too, while unrelated stages stay cached. A missing
+`stage.json` (interrupted) reruns the stage in the same folder, where engine checkpoints let a training stage
+resume at its step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mimlab.utils.io import atomic_write_json
+
+MARKER = "stage.json"
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a canonical JSON encoding (sorted keys; tuples as lists; paths as strings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    run_id: str
+    dir: Path
+    skipped: bool
+    seconds: float
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+class StageRunner:
+    """Runs stages in order with caching; `force` names stages (or prefixes like `transfer`) to rerun."""
+
+    def __init__(self, root: str | Path, force: tuple[str, ...] = (), log: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.force = tuple(force)
+        self.log = log
+        self.records: dict[str, StageRecord] = {}
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / "stages" / name
+
+    def _forced(self, name: str) -> bool:
+        return any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
+
+    def run(self, name: str, config: dict[str, Any], fn: Callable[[Path], dict[str, Any]],
+            deps: tuple[str, ...] = ()) -> StageRecord:
+        """Run `fn(stage_dir) -> outputs` unless a finished stage with the same key exists."""
+        missing = [d for d in deps if d not in self.records]
+        if missing:
+            raise RuntimeError(f"stage {name} depends on stages not run yet: {missing}")
+        key = stable_hash({"name": name, "config": config, "deps": {d: self.records[d].run_id for d in deps}})
+        d = self.stage_dir(name)
+        marker = d / MARKER
+        if marker.is_file() and not self._forced(name):
+            done = json.loads(marker.read_text())
+            if done.get("key") == key:
+                rec = StageRecord(name, key, done["run_id"], d, True, 0.0, done.get("outputs", {}))
+                self.records[name] = rec
+                self.log(f"[skip] {name} (cached {key[:10]})")
+                return rec
+        if marker.is_file():
+            marker.unlink()                       # stale or forced: the stage is no longer finished
+        if self._forced(name) and d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        self.log(f"[run ] {name}")
+        t0 = time.perf_counter()
+        outputs = fn(d) or {}
+        seconds = time.perf_counter() - t0
+        run_id = stable_hash({"key": key, "finished": time.time_ns()})
+        atomic_write_json(marker, {"name": name, "key": key, "run_id": run_id, "config": config, "deps": list(deps),
+                                   "outputs": outputs, "seconds": seconds})
+        rec = StageRecord(name, key, run_id, d, False, seconds, outputs)
+        self.records[name] = rec
+        return rec
