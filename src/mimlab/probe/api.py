@@ -263,6 +263,13 @@ class _ModelProbe:
             self.means[li].update(v, weights)
 
     # -- result -------------------------------------------------------------------------------------------------
+    def layer_replicates(self) -> torch.Tensor | None:
+        """(R, L, M) bootstrap replicates of each layer's mean over heads, or None without bootstrap."""
+        reps = [acc.replicate_means() for acc in self.means]
+        if any(r is None for r in reps):
+            return None
+        return torch.stack([r.mean(1) for r in reps], dim=1)
+
     def to_dict(self) -> dict[str, Any]:
         layers = []
         for li, (name, _) in enumerate(self.attn):
@@ -303,6 +310,9 @@ class ProbeResult:
     cka_info: dict[str, Any]
     seconds: float
     provenance: dict[str, Any] = field(default_factory=dict)
+    # label -> (R, L, M) bootstrap replicates of the layer means (mean over heads), METRICS order. The replicate
+    # weights are shared by all models of a run, so differences between models are paired.
+    replicates: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         import mimlab
@@ -334,6 +344,15 @@ class ProbeResult:
         data = self.to_dict()
         atomic_write_json(out / "metrics.json", data)
         paths: dict[str, Any] = {"metrics": out / "metrics.json"}
+        if self.replicates:
+            import numpy as np
+
+            from mimlab.utils.io import atomic_path
+
+            with atomic_path(out / "replicates.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **{k: v.numpy() for k, v in self.replicates.items()})
+            paths["replicates"] = out / "replicates.npz"
         if report:
             from mimlab.report.html import render_all
 
@@ -442,10 +461,12 @@ def probe(models: Mapping[str, nn.Module] | Sequence[ProbeModel], images, *, bat
                          "num_images": cka_acc.num_samples, "images_left_out": cka_acc.skipped_samples,
                          "estimator": "unbiased_minibatch", "dtype": "float64"})
     models_out = {p.pm.label: p.to_dict() for p in probes}
+    reps = {p.pm.label: p.layer_replicates() for p in probes}
     from mimlab.utils.provenance import provenance
 
     return ProbeResult(num_images=seen, config=cfg, models=models_out, cka=cka_out, cka_info=cka_info,
-                       seconds=seconds, provenance=provenance(device=str(dev), precision=precision))
+                       seconds=seconds, provenance=provenance(device=str(dev), precision=precision),
+                       replicates={k: v for k, v in reps.items() if v is not None})
 
 
 def images_per_second(result: ProbeResult) -> float:

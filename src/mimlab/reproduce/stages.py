@@ -21,11 +21,21 @@ from typing import Any, Callable
 from mimlab.utils.io import atomic_write_json
 
 MARKER = "stage.json"
+PENDING = "stage.pending.json"
 
 
 def stable_hash(obj: Any) -> str:
     """sha256 of a canonical JSON encoding (sorted keys; tuples as lists; paths as strings)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _outputs_exist(outputs: dict[str, Any], stage_dir: Path) -> bool:
+    """Every output that names a file inside the stage folder must still be there."""
+    root = stage_dir.resolve()
+    for v in outputs.values():
+        if isinstance(v, str) and v.startswith(str(root)) and not Path(v).exists():
+            return False
+    return True
 
 
 @dataclass
@@ -43,7 +53,7 @@ class StageRunner:
     """Runs stages in order with caching; `force` names stages (or prefixes like `transfer`) to rerun."""
 
     def __init__(self, root: str | Path, force: tuple[str, ...] = (), log: Callable[[str], None] = print):
-        self.root = Path(root)
+        self.root = Path(root).resolve()
         self.force = tuple(force)
         self.log = log
         self.records: dict[str, StageRecord] = {}
@@ -65,16 +75,18 @@ class StageRunner:
         marker = d / MARKER
         if marker.is_file() and not self._forced(name):
             done = json.loads(marker.read_text())
-            if done.get("key") == key:
+            if done.get("key") == key and _outputs_exist(done.get("outputs", {}), d):
                 rec = StageRecord(name, key, done["run_id"], d, True, 0.0, done.get("outputs", {}))
                 self.records[name] = rec
                 self.log(f"[skip] {name} (cached {key[:10]})")
                 return rec
-        if marker.is_file():
-            marker.unlink()                       # stale or forced: the stage is no longer finished
-        if self._forced(name) and d.exists():
-            shutil.rmtree(d)
+        pending = d / PENDING
+        stale = marker.is_file() or self._forced(name) or (
+            pending.is_file() and json.loads(pending.read_text()).get("key") != key)
+        if stale and d.exists():
+            shutil.rmtree(d)                      # finished with another config, or forced: start clean
         d.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(pending, {"name": name, "key": key})   # an interrupted run resumes only with this key
         self.log(f"[run ] {name}")
         t0 = time.perf_counter()
         outputs = fn(d) or {}
@@ -82,6 +94,7 @@ class StageRunner:
         run_id = stable_hash({"key": key, "finished": time.time_ns()})
         atomic_write_json(marker, {"name": name, "key": key, "run_id": run_id, "config": config, "deps": list(deps),
                                    "outputs": outputs, "seconds": seconds})
+        pending.unlink(missing_ok=True)
         rec = StageRecord(name, key, run_id, d, False, seconds, outputs)
         self.records[name] = rec
         return rec

@@ -1,0 +1,235 @@
+"""The study as a sequence of cached stages: data -> pretrain -> probe -> transfer -> report.
+
+Stage names (each a folder under `OUT/stages/`): `data/<task>`, `pretrain/<method>` (and `pretrain/random`, the
+random-init control built from the same seed), `probe`, `baseline/simmim` (the mean-colour predictor's SimMIM
+loss), `transfer/<model>/<task>/s<seed>` and `transfer/<model>-drop<K>/<task>/s<seed>` (the layer ablation).
+The report is rebuilt on every run from the stage outputs (it is cheap).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from mimlab.errors import MimlabError
+from mimlab.models.factory import parse_model_kwargs
+from mimlab.reproduce.presets import StudyConfig
+from mimlab.reproduce.stages import StageRunner
+
+
+def _device(cfg: StudyConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tail_mean(losses: list[float], frac: float = 0.1) -> float | None:
+    if not losses:
+        return None
+    k = max(1, int(len(losses) * frac))
+    return float(sum(losses[-k:]) / k)
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig, out: str | Path, force: tuple[str, ...] = (), progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.progress = progress
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.runner = StageRunner(self.out, force=force, log=self.log)
+        self.kwargs = parse_model_kwargs(cfg.model_kwargs)
+        self.device = _device(cfg)
+
+    # ------------------------------------------------------------------------------------------------- data
+    def data_stage(self, task: str) -> str:
+        spec = self.cfg.transfer_data[task]
+        if isinstance(spec, str):           # a user dataset in its real format: nothing to build
+            path = Path(spec)
+            if not path.exists():
+                raise MimlabError(f"transfer_data.{task}: {path} does not exist")
+            rec = self.runner.run(f"data/{task}", {"path": str(path.resolve())},
+                                  lambda d: {"path": str(path.resolve())})
+            return rec.outputs["path"]
+
+        def build(d: Path) -> dict[str, Any]:
+            from mimlab.transfer.synthetic import generate
+
+            params = {k: v for k, v in spec.items() if k != "kind"}
+            generate(spec["kind"], d / "data", seed=0, overwrite=True, **params)
+            return {"path": str(d / "data")}
+
+        return self.runner.run(f"data/{task}", dict(spec), build).outputs["path"]
+
+    # --------------------------------------------------------------------------------------------- pretrain
+    def pretrain_stage(self, method: str) -> dict[str, Any]:
+        cfg = self.cfg
+        if method in cfg.checkpoints:
+            path = Path(cfg.checkpoints[method])
+            if not path.is_file():
+                raise MimlabError(f"checkpoints.{method}: {path} does not exist")
+            from mimlab.utils.io import sha256_file
+
+            digest = sha256_file(path)
+            return self.runner.run(f"pretrain/{method}", {"checkpoint": str(path.resolve()), "sha256": digest},
+                                   lambda d: {"model": str(path.resolve()), "imported": True}).outputs
+        conf = {"method": method, "arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "data": cfg.pretrain_data,
+                "steps": cfg.pretrain_steps, "batch_size": cfg.pretrain_batch_size, "seed": cfg.init_seed,
+                "precision": cfg.precision, "mask_patch_size": cfg.mask_patch_size}
+
+        def build(d: Path) -> dict[str, Any]:
+            from mimlab.pretrain.api import PretrainConfig, pretrain
+
+            res = pretrain(PretrainConfig(method=method, model=cfg.arch, data=cfg.pretrain_data, out=d,
+                                          model_kwargs=self.kwargs, steps=cfg.pretrain_steps,
+                                          batch_size=cfg.pretrain_batch_size, seed=cfg.init_seed,
+                                          resume=(d / "checkpoints" / "last.pt").is_file(),
+                                          device=self.device, precision=cfg.precision,
+                                          mask_patch_size=cfg.mask_patch_size, progress=self.progress))
+            run = res.run or {}
+            return {"model": str(res.model_path), "steps": res.step, "final_loss": _tail_mean(res.losses),
+                    "img_per_s": res.img_per_s, "mask": (run.get("method_config") or {}).get("mask"),
+                    "losses_head": res.losses[:10]}
+
+        return self.runner.run(f"pretrain/{method}", conf, build).outputs
+
+    def random_stage(self) -> dict[str, Any]:
+        cfg = self.cfg
+        conf = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "seed": cfg.init_seed}
+
+        def build(d: Path) -> dict[str, Any]:
+            from mimlab.engine import seed_everything
+            from mimlab.models.checkpoints import save_state_dict
+            from mimlab.models.factory import create_model
+
+            seed_everything(cfg.init_seed)
+            model, _ = create_model(cfg.arch, self.kwargs, num_classes=0)
+            save_state_dict(model, d / "model.safetensors")
+            return {"model": str(d / "model.safetensors")}
+
+        return self.runner.run("pretrain/random", conf, build).outputs
+
+    # ------------------------------------------------------------------------------------------------ probe
+    def probe_stage(self, models: dict[str, str]) -> dict[str, Any]:
+        cfg = self.cfg
+        conf = {"models": sorted(models), "data": cfg.probe_data, "images": cfg.probe_images,
+                "batch_size": cfg.probe_batch_size, "bootstrap": cfg.bootstrap, "kwargs": cfg.model_kwargs}
+
+        def build(d: Path) -> dict[str, Any]:
+            from mimlab.probe.api import ProbeConfig
+            from mimlab.probe.run import ProbeRequest, run_probe
+
+            req = ProbeRequest(models=[f"{k}={cfg.arch}@{v}" for k, v in models.items()],
+                               model_kwargs=[cfg.model_kwargs] if cfg.model_kwargs else [], data=cfg.probe_data,
+                               images=cfg.probe_images, batch_size=cfg.probe_batch_size, out=str(d),
+                               device=self.device, seed=0, workers=0, progress=self.progress,
+                               config=ProbeConfig(bootstrap=cfg.bootstrap, seed=0))
+            run_probe(req)
+            return {"metrics": str(d / "metrics.json"), "replicates": str(d / "replicates.npz")}
+
+        deps = tuple(f"pretrain/{k}" for k in models)
+        return self.runner.run("probe", conf, build, deps=deps).outputs
+
+    def simmim_baseline_stage(self, mask: dict[str, Any] | None) -> dict[str, Any]:
+        """SimMIM's loss for the best trivial predictor (each image's visible mean colour), on held-out images."""
+        conf = {"mask": mask, "data": self.cfg.pretrain_data, "kwargs": self.cfg.model_kwargs, "images": 256}
+
+        def build(d: Path) -> dict[str, Any]:
+            return {"mean_colour_l1": mean_colour_baseline(self.cfg, mask, images=256)}
+
+        return self.runner.run("baseline/simmim", conf, build, deps=("pretrain/simmim",)).outputs
+
+    # --------------------------------------------------------------------------------------------- transfer
+    def transfer_stage(self, label: str, model_path: str, task: str, seed: int, data: str,
+                       drop: int = 0) -> dict[str, Any]:
+        cfg = self.cfg
+        name = f"transfer/{label}{f'-drop{drop}' if drop else ''}/{task}/s{seed}"
+        conf = {"task": task, "seed": seed, "steps": cfg.transfer_steps.get(task), "drop": drop,
+                "batch_size": cfg.transfer_batch_size, "kwargs": cfg.model_kwargs, "precision": cfg.precision}
+
+        def build(d: Path) -> dict[str, Any]:
+            from mimlab.transfer.api import run_transfer
+
+            rep = run_transfer(task, f"{label}={cfg.arch}@{model_path}", data, d, model_kwargs=self.kwargs,
+                               steps=cfg.transfer_steps.get(task), batch_size=cfg.transfer_batch_size, seed=seed,
+                               device=self.device, drop_last_blocks=drop,
+                               resume=(d / "checkpoints" / "last.pt").is_file(), progress=self.progress,
+                               precision=cfg.precision)
+            return {"metrics": rep["metrics"], "baseline": rep["baseline"]}
+
+        return self.runner.run(name, conf, build, deps=(f"data/{task}", f"pretrain/{label}")).outputs
+
+    # ---------------------------------------------------------------------------------------------- the run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.log(cfg.scale_line())
+        if "simmim" not in cfg.methods or "supervised" not in cfg.methods:
+            raise MimlabError("the study compares 'simmim' and 'supervised': both must be in methods")
+        data = {t: self.data_stage(t) for t in cfg.tasks}
+        pre = {m: self.pretrain_stage(m) for m in cfg.methods}
+        pre["random"] = self.random_stage()
+        models = {k: v["model"] for k, v in pre.items()}
+        probe = self.probe_stage(models)
+        baseline = self.simmim_baseline_stage(pre["simmim"].get("mask")) if "simmim" not in cfg.checkpoints else {}
+        downstream: dict[str, dict[str, Any]] = {}
+        for label in cfg.transfer_models:
+            if label not in models:
+                raise MimlabError(f"transfer_models: '{label}' is not one of the models {sorted(models)}")
+            for task in cfg.tasks:
+                for seed in cfg.seeds:
+                    downstream.setdefault(label, {}).setdefault(task, []).append(
+                        self.transfer_stage(label, models[label], task, seed, data[task]))
+        if cfg.ablation_blocks:
+            label = f"supervised-drop{cfg.ablation_blocks}"
+            for task in cfg.ablation_tasks:
+                if task not in cfg.tasks:
+                    continue
+                for seed in cfg.seeds:
+                    downstream.setdefault(label, {}).setdefault(task, []).append(
+                        self.transfer_stage("supervised", models["supervised"], task, seed, data[task],
+                                            drop=cfg.ablation_blocks))
+        from mimlab.reproduce.report import build_summary, write_study_report
+
+        summary = build_summary(cfg, pre, probe, baseline, downstream, self.runner.records)
+        paths = write_study_report(summary, probe, self.out)
+        summary["paths"] = {k: str(v) for k, v in paths.items()}
+        return summary
+
+
+def mean_colour_baseline(cfg: StudyConfig, mask: dict[str, Any] | None, images: int = 256, seed: int = 1) -> float:
+    """Masked L1 (SimMIM's loss) of predicting each masked pixel by its image's mean visible colour, on held-out
+    built-in images normalised like the model input. A SimMIM model that learned nothing local cannot beat it."""
+    import numpy as np
+    import torch
+
+    from mimlab.data.synthetic import SyntheticImages
+    from mimlab.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, parse_data_spec
+    from mimlab.pretrain.masking import MaskGeometry, upsample
+    from mimlab.pretrain.simmim import masked_l1
+
+    if not mask:
+        raise MimlabError("the SimMIM run recorded no mask geometry")
+    h, w = mask["img_size"]
+    spec = parse_data_spec(cfg.pretrain_data)
+    kind = spec.params.get("kind") if spec.kind == "builtin" else None
+    ds = SyntheticImages(kind or "fractal-leaves", classes=16, per_class=math.ceil(images / 16), size=h,
+                         seed=spec.params.get("seed", 0), offset=2_000_000)
+    arr, _ = ds.to_array()
+    x = torch.from_numpy(arr[:images]).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    geom = MaskGeometry(img_size=(h, w), patch_size=mask["patch_size"], mask_patch_size=mask["mask_patch_size"],
+                        mask_ratio=mask["mask_ratio"])
+    rng = np.random.default_rng(seed)
+    tok = np.stack([geom.sample(rng) for _ in range(x.shape[0])])
+    pix = torch.from_numpy(np.stack([upsample(t, geom.patch_size) for t in tok])).float()[:, None]
+    visible = 1 - pix
+    mean = (x * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True).clamp_min(1)
+    return float(masked_l1(mean.expand_as(x), x, pix))
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,142 @@
+"""Study configurations: the built-in presets and config files (YAML or TOML) that override them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mimlab.errors import MimlabError
+
+SMALL_VIT = "img_size=32,patch_size=4,depth=6,embed_dim=128,num_heads=4"
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study run depends on. Changing a field reruns exactly the stages that use it."""
+
+    preset: str = "quick"
+    description: str = ""
+    device: str = "auto"
+    precision: str = "fp32"
+    # models: one architecture for every method (same init seed, same budget)
+    arch: str = "vit_tiny_patch16_224"
+    model_kwargs: str = SMALL_VIT
+    methods: tuple[str, ...] = ("simmim", "supervised")        # add "mae" to include it
+    init_seed: int = 0
+    # pretraining (identical budget for every method)
+    pretrain_data: str = "builtin:fractal-leaves?classes=100&per_class=40&seed=0"
+    pretrain_steps: int = 300
+    pretrain_batch_size: int = 64
+    mask_patch_size: int | None = None       # None: SimMIM's 32 px cell scaled to the input (see mimlab pretrain)
+    # user checkpoints instead of pretraining: {"simmim": "path", "supervised": "path", ...} (+ "arch" per model)
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    # probe
+    probe_data: str = "builtin"              # held-out built-in images, or a folder / .npy
+    probe_images: int = 128
+    probe_batch_size: int = 32
+    bootstrap: int = 200
+    # transfer
+    tasks: tuple[str, ...] = ("classify", "keypoints", "depth", "track")
+    seeds: tuple[int, ...] = (0,)
+    transfer_steps: dict[str, int] = field(default_factory=lambda: {"classify": 150, "keypoints": 150,
+                                                                     "depth": 150, "track": 150})
+    transfer_batch_size: int = 32
+    transfer_models: tuple[str, ...] = ("simmim", "supervised")  # labels; "random" and "mae" are allowed
+    ablation_blocks: int = 2                 # drop the last K blocks (C6); 0 = no ablation
+    ablation_tasks: tuple[str, ...] = ("keypoints", "depth")
+    # the built-in transfer datasets (mimlab.transfer.synthetic) or user paths: {"classify": "path", ...}
+    transfer_data: dict[str, Any] = field(default_factory=lambda: {
+        "classify": {"kind": "finegrained", "num_classes": 6, "train_per_class": 100, "val_per_class": 40,
+                     "size": 32},
+        "keypoints": {"kind": "keypoints", "train_images": 300, "val_images": 60, "size": 64},
+        "depth": {"kind": "depth", "train_images": 300, "val_images": 60, "width": 64, "height": 48},
+        "track": {"kind": "tracking", "train_sequences": 40, "val_sequences": 10, "length": 30, "size": 96},
+    })
+    # "trained enough" gates
+    gate_loss_ratio: float = 0.9
+    gate_attention_change: float = 0.02
+    gate_cka_to_init: float = 0.9
+
+    def scale_line(self) -> str:
+        return (f"preset '{self.preset}': {self.arch} ({self.model_kwargs or 'default kwargs'}), "
+                f"{self.pretrain_steps} pretraining steps x batch {self.pretrain_batch_size} per method on "
+                f"{self.pretrain_data}; {self.probe_images} probe images; transfer {len(self.seeds)} seed(s). "
+                "This is a small-scale study, not the paper's ViT-B/16 at 224 px on ImageNet.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~10 minutes on a 2-core CPU including setup: every stage runs, verdicts will mostly be inconclusive
+    "quick": {"description": "smoke-scale run of the whole study (minutes on a laptop CPU)"},
+    # ~1 hour on a 2-core CPU: more pretraining, 3 seeds
+    "cpu": {"description": "about an hour on a 2-core CPU", "pretrain_steps": 3000, "pretrain_batch_size": 64,
+            "pretrain_data": "builtin:fractal-leaves?classes=200&per_class=50&seed=0", "probe_images": 256,
+            "seeds": (0, 1, 2), "transfer_steps": {"classify": 300, "keypoints": 300, "depth": 300, "track": 300},
+            "methods": ("simmim", "supervised"), "transfer_models": ("simmim", "supervised")},
+    # a lent H100: ViT-S/16-like at 64 px (8x8 grid... 16x16 with patch 4), ~5 minutes of pretraining per model
+    "gpu": {"description": "one GPU, about 5 minutes of pretraining per model", "device": "cuda",
+            "precision": "bf16", "arch": "vit_small_patch16_224",
+            "model_kwargs": "img_size=64,patch_size=4", "pretrain_steps": 6000, "pretrain_batch_size": 256,
+            "pretrain_data": "builtin:fractal-leaves?classes=1000&per_class=50&seed=0", "probe_images": 512,
+            "methods": ("simmim", "supervised", "mae"), "transfer_models": ("simmim", "supervised", "mae"),
+            "seeds": (0, 1, 2), "transfer_batch_size": 64,
+            "transfer_steps": {"classify": 1000, "keypoints": 1000, "depth": 1000, "track": 1000}},
+}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise MimlabError(f"config key '{name}' must be a list")
+        return tuple(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise MimlabError(f"config key '{name}' must be a table/mapping")
+        merged = dict(default)
+        merged.update(value)
+        return merged
+    return value
+
+
+def build_config(preset: str = "quick", overrides: dict[str, Any] | None = None) -> StudyConfig:
+    if preset not in PRESETS:
+        raise MimlabError(f"--preset must be one of {', '.join(PRESETS)}, not '{preset}'")
+    cfg = StudyConfig(preset=preset)
+    fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    for source in (PRESETS[preset], overrides or {}):
+        for k, v in source.items():
+            if k not in fields:
+                raise MimlabError(f"unknown study config key '{k}' (known: {', '.join(sorted(fields))})")
+            setattr(cfg, k, _coerce(k, v, getattr(cfg, k)))
+    return cfg
+
+
+def load_config_file(path: str | Path) -> StudyConfig:
+    """A YAML (.yaml/.yml) or TOML (.toml) file: optional `preset` key plus overrides of StudyConfig fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimlabError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            raise MimlabError(f"--config {path}: use a .yaml, .yml or .toml file")
+    except MimlabError:
+        raise
+    except Exception as e:  # yaml.YAMLError / tomllib.TOMLDecodeError
+        raise MimlabError(f"--config {path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise MimlabError(f"--config {path}: expected a mapping at the top level")
+    preset = data.pop("preset", "quick")
+    return build_config(preset, data)

@@ -1,0 +1,89 @@
+"""`mimlab reproduce` end to end on a miniature config: report, summary schema, stage caching."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mimlab.cli import main
+
+MINI = """
+preset: quick
+model_kwargs: img_size=32,patch_size=8,depth=3,embed_dim=32,num_heads=2
+pretrain_data: builtin:fractal-leaves?classes=8&per_class=8&seed=0
+pretrain_steps: 4
+pretrain_batch_size: 16
+probe_images: 16
+probe_batch_size: 8
+bootstrap: 20
+transfer_steps: {classify: 3, keypoints: 3, depth: 3, track: 3}
+transfer_batch_size: 8
+ablation_blocks: 1
+transfer_data:
+  classify: {kind: finegrained, num_classes: 3, train_per_class: 8, val_per_class: 4, size: 32}
+  keypoints: {kind: keypoints, train_images: 8, val_images: 4, size: 32}
+  depth: {kind: depth, train_images: 8, val_images: 4, width: 32, height: 32}
+  track: {kind: tracking, train_sequences: 3, val_sequences: 2, length: 6, size: 48}
+"""
+
+
+def _run(cfg: Path, out: Path, capsys, *extra: str) -> list[str]:
+    assert main(["reproduce", "--config", str(cfg), "--out", str(out), "--quiet", *extra]) == 0
+    err = capsys.readouterr().err
+    return [line.split()[-1] if False else line for line in err.splitlines() if line.startswith("[")]
+
+
+@pytest.mark.slow
+def test_miniature_study_report_schema_and_caching(tmp_path, capsys):
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(MINI)
+    out = tmp_path / "study"
+    first = _run(cfg, out, capsys)
+    assert first and all(line.startswith("[run ]") for line in first)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["claims"]) == {"C1", "C2", "C3", "C4", "C5", "C6"}
+    for c in summary["claims"].values():
+        assert c["verdict"] in ("holds", "does_not_hold", "inconclusive")
+        assert c["statistic"] and c["rule"]
+    # a few steps of training cannot pass the 'trained enough' gate: every claim must say so
+    assert all(c["verdict"] == "inconclusive" and "not trained enough" in c["reason"]
+               for c in summary["claims"].values())
+    assert summary["simmim_avg_dist_px"] > 0 and summary["simmim_mean_colour_l1"] > 0
+    assert {"simmim", "supervised", "random"} <= set(summary["probe"]["layer_means"])
+    html = (out / "report.html").read_text()
+    assert "Claims" in html and "data:image/png;base64," in html and "not the paper" in html
+    assert (out / "downstream.csv").is_file() and (out / "claims.csv").is_file()
+
+    # second run: every stage cached
+    second = _run(cfg, out, capsys)
+    assert second and all(line.startswith("[skip]") for line in second)
+
+    # delete one stage's output: it and its dependants rerun, nothing else
+    (out / "stages" / "pretrain" / "supervised" / "model.safetensors").unlink()
+    third = _run(cfg, out, capsys)
+    ran = sorted(line.split()[-1] for line in third if line.startswith("[run ]"))
+    assert ran == sorted(["pretrain/supervised", "probe", "transfer/supervised/classify/s0",
+                          "transfer/supervised/keypoints/s0", "transfer/supervised/depth/s0",
+                          "transfer/supervised/track/s0", "transfer/supervised-drop1/keypoints/s0",
+                          "transfer/supervised-drop1/depth/s0"])
+
+    # --force reruns that stage and its dependants
+    fourth = _run(cfg, out, capsys, "--force", "probe")
+    assert [line.split()[-1] for line in fourth if line.startswith("[run ]")] == ["probe"]
+
+    # the report opens in headless Chromium without console errors
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian chromium not installed: report screenshot not taken")
+    shot = tmp_path / "report.png"
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'chr'}", "--enable-logging=stderr", "--v=0",
+                        f"--screenshot={shot}", "--window-size=1280,2000", (out / "report.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    console_errors = [line for line in r.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
+    assert not console_errors, console_errors
