@@ -215,6 +215,15 @@ class _ModelProbe:
             if want == "triton":
                 raise
             return None
+        except Exception as e:  # a kernel that fails to compile here must not cost the run: fall back, loudly
+            if want == "triton":
+                raise
+            import warnings
+
+            warnings.warn(f"fused Triton statistics failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "using the torch path for the rest of this run")
+            self.cfg.kernel = "torch"
+            return None
         if not bool(out[8]):
             raise MimlabError(f"{self.pm.label}: non-finite attention logits (NaN or inf)")
         return ChunkSums(*out[:8])

@@ -1,0 +1,104 @@
+"""Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+The same command runs as one plain process or under ``torchrun --nproc_per_node N`` (any number of nodes):
+with WORLD_SIZE > 1 a process group is created (nccl on CUDA, gloo on CPU) and torn down at the end.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mimlab.errors import MimlabError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    owns_group: bool = False  # True when this module created the process group (and must destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:LOCAL_RANK if CUDA is available, else cpu; 'cuda' -> cuda:LOCAL_RANK; else as given."""
+    if device in ("auto", "", None):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MimlabError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Read torchrun's variables and initialise the process group if needed; pins the CUDA device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world <= 1:
+        return DistInfo(0, 1, 0, dev, None, False)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"backend": backend}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev, dist.get_backend(), owns)
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        if info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean over ranks (in place on a copy); identity without a process group."""
+    if not info.distributed:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / info.world_size
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
