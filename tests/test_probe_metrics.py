@@ -211,3 +211,26 @@ def test_js_can_be_skipped_and_is_then_nan_not_zero():
         a, b = full["models"]["m"]["layers"][li], nojs["models"]["m"]["layers"][li]
         assert all(math.isnan(v) for v in b["head_js"])
         assert a["head_kl"] == b["head_kl"] and a["attention_distance_px"] == b["attention_distance_px"]
+
+
+def test_statistics_run_in_float32_under_autocast():
+    """A bf16 forward changes the attention a little; the statistics of that attention must still be float32:
+    before the fix the logits matmul inherited autocast and rows summed to 1 +- 1e-2."""
+    model = build("vit", 6.0)
+    x = torch.randn(4, 3, 32, 32)
+    fp32 = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
+    bf16 = probe({"m": model}, x, batch_size=4, precision="bf16", config=ProbeConfig(bootstrap=0, cka=False))
+    assert bf16.models["m"]["max_rowsum_error"] < 1e-5
+    for li in range(2):
+        np.testing.assert_allclose(bf16.models["m"]["layers"][li]["attention_distance_px"],
+                                   fp32["models"]["m"]["layers"][li]["attention_distance_px"], rtol=5e-2)
+
+
+def test_small_prefix_mass_keeps_relative_precision():
+    # one prefix key with a very low logit: m ~ 1e-6 must come out to float32 relative precision
+    lay = TokenLayout(1, (2, 2), (16, 16))
+    logits = torch.zeros(1, 1, 5, 5)
+    logits[..., 0] = -12.0
+    v = _values(logits, lay)
+    want = math.exp(-12) / (math.exp(-12) + 4)
+    assert v["prefix_mass"][0, 0].item() == pytest.approx(want, rel=1e-6)

@@ -108,6 +108,12 @@ class _ModelProbe:
 
     # -- attention ------------------------------------------------------------------------------------------
     def on_attention(self, name: str, call) -> None:
+        # the model may run under autocast (bf16/fp16): the statistics must not, or their matmuls would be bf16
+        t = call.q if isinstance(call, SDPACall) else call.logits
+        with torch.autocast(t.device.type, enabled=False):
+            self._on_attention(name, call)
+
+    def _on_attention(self, name: str, call) -> None:
         li = self.index[name]
         layer = self.layers[li]
         sdpa = isinstance(call, SDPACall)

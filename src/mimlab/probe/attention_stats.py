@@ -94,7 +94,8 @@ def chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix
     mx, rel_lse = _row_lse(sp)                                          # (b, H, nq, 1): lse_patch = mx + rel_lse
     if P:
         mx_all, rel_all = _row_lse(s)
-        prefix = -torch.expm1(mx.to(f64) + rel_lse - mx_all.to(f64) - rel_all).squeeze(-1)   # m = 1 - sum_patch A
+        # m = sum_{j<P} exp(s_j - lse_all): summed directly (not 1 - patch mass), so a small m keeps its precision
+        prefix = torch.exp(s[..., :P].to(f64) - (mx_all.to(f64) + rel_all)).sum(-1)
     else:
         prefix = torch.zeros(b, H, nq, dtype=f64, device=s.device)
     finite = torch.isfinite(rel_lse).all() & torch.isfinite(mx).all()

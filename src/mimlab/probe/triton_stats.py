@@ -9,7 +9,8 @@ head at the same (query, key)) and walks over the keys twice, recomputing q.k (f
 pass 1, per head and query: the row maximum m over patch keys and R = sum_j (exp(s_j - m) - c), c = exp(s_P - m),
     online over key blocks (R rescaled by exp(m_old - m_new) when m grows); then in float64
     log sum_j exp(s_j - m) = log(K c + R) (the reference's shift trick: R is small for near-uniform rows, so the row
-    normaliser keeps ~1e-9 relative precision). The same over all N keys gives the prefix mass
+    normaliser keeps ~1e-9 relative precision). The same over all N keys, with the prefix keys' exponentials summed
+    directly in pass 2, gives the prefix mass
     m_i = -expm1(lse_patch - lse_all).
 pass 2, per key block: lpk = log(K p) = (s - m) - (lse_rel - log K), p = exp(lpk) / K, and the sums
     sum_j p (row sum), sum_j p lpk (log K - entropy), sum_j p D (distance), sum_i p (column sums, for NMI),
@@ -188,11 +189,7 @@ if triton is not None:
         off = _log(c + r.to(tl.float64) / K, LIB).to(tl.float32)
         if HAS_PREFIX:
             ca = _exp(s0a - ma, LIB).to(tl.float64)
-            rel = _log(K * c + r.to(tl.float64), LIB)
-            rel_a = _log(N * ca + ra.to(tl.float64), LIB)
-            lse_diff = m.to(tl.float64) + rel - ma.to(tl.float64) - rel_a       # log(1 - prefix mass)
-        else:
-            lse_diff = tl.zeros((H_PAD, BQ), tl.float64)
+            s_all = N * ca + ra.to(tl.float64)                                 # sum_j exp(s_j - ma), all keys
 
         # ---- pass 2: statistics ----
         lke = log_keps
@@ -203,10 +200,15 @@ if triton is not None:
         jsacc = tl.zeros((H_PAD, H_PAD), tl.float32)
         hr = hh[:, None]
         qrow = rows - P
+        pref = tl.zeros((H_PAD, BQ), tl.float32)
         for kb in range(0, N, BK):
             cols = kb + tl.arange(0, BK)
             s = _logits(q, k_ptr, bias_ptr, b, hh, rows, kb, skb, skh, skn, skd, sbb, sbh, sbn, sbm, scale, H, N,
                         D, HAS_BIAS, BK, BD, PREC)
+            if HAS_PREFIX:
+                if kb == 0:   # every prefix key is in the first block (BK > P): sum their exp directly
+                    pk = (cols < P)[None, None, :] & row_ok[:, :, None]
+                    pref = tl.sum(tl.where(pk, _exp(tl.where(pk, s - ma[:, :, None], 0.0), LIB), 0.0), 2)
             pv = (cols >= P) & (cols < N)
             valid = row_ok[:, :, None] & pv[None, None, :]
             lpk = tl.where(valid, (s - m[:, :, None]) - off[:, :, None], 0.0)
@@ -241,7 +243,11 @@ if triton is not None:
         tl.store(rows_ptr + ridx, rowsum.to(tl.float64), mask=row_ok)
         tl.store(rows_ptr + plane + ridx, negent.to(tl.float64), mask=row_ok)
         tl.store(rows_ptr + 2 * plane + ridx, dist.to(tl.float64), mask=row_ok)
-        tl.store(rows_ptr + 3 * plane + ridx, lse_diff, mask=row_ok)
+        if HAS_PREFIX:   # prefix mass summed directly, not 1 - patch mass: a small mass keeps its precision
+            pmass = pref.to(tl.float64) / s_all
+        else:
+            pmass = tl.zeros((H_PAD, BQ), tl.float64)
+        tl.store(rows_ptr + 3 * plane + ridx, pmass, mask=row_ok)
         tl.store(rows_ptr + 4 * plane + ridx, bad.to(tl.float64), mask=row_ok)
         hc = hh[None, :]
         pidx = ((b * QB + pid) * H_PAD + hr) * H_PAD + hc
@@ -369,9 +375,8 @@ def _reduce(rows: torch.Tensor, cross_p: torch.Tensor, js_p: torch.Tensor | None
             K: int, renormalize: bool) -> tuple[torch.Tensor, ...]:
     """Per-row values and per-program partial sums -> the tuple of `chunk_sums_tensors` (float64 sums)."""
     f64 = torch.float64
-    rowsum, negent, dist, lse_diff, bad = rows.unbind(0)                 # (B, H, K) each
+    rowsum, negent, dist, prefix, bad = rows.unbind(0)                   # (B, H, K) each; prefix = m_i
     B = rowsum.shape[0]
-    prefix = -torch.expm1(lse_diff)                                      # m_i = 1 - sum_patch A_ij
     if not renormalize:
         dist = dist * (1 - prefix)
     cross = cross_p[:, :, :H, :H].to(f64).sum(1)
@@ -382,6 +387,6 @@ def _reduce(rows: torch.Tensor, cross_p: torch.Tensor, js_p: torch.Tensor | None
         js_mat[:, iu[0], iu[1]] = 0.5 * up[:, iu[0], iu[1]]
         js_mat = js_mat + js_mat.transpose(1, 2)
     rowsum_err = (rowsum.to(torch.float32) - 1).abs().amax()
-    finite = (bad == 0).all() & torch.isfinite(lse_diff).all()
+    finite = (bad == 0).all() & torch.isfinite(prefix).all()
     return (dist.sum(-1), (math.log(K) - negent).sum(-1), negent.sum(-1), prefix.sum(-1), cross, js_mat,
             col_p.to(f64).sum(1), rowsum_err, finite)
