@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements.txt requirements-dev.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mimlab demo --out $(DEMO_OUT)
+	$(BIN)/mimlab reproduce --preset quick --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -19,7 +19,6 @@ VERBS: dict[str, tuple[str, str]] = {
     "probe": ("mimlab.probe.cli", "exact streaming attention and CKA metrics, tables, figures, report"),
     "transfer": ("mimlab.transfer.cli", "fine-tune and evaluate on classification, keypoints, depth, tracking"),
     "reproduce": ("mimlab.reproduce.cli", "the whole study in one command, with a verdict per claim"),
-    "demo": ("mimlab.demo", "the built-in end-to-end demo (what `make demo` runs)"),
 }
 
 

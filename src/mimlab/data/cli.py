@@ -7,22 +7,37 @@ import argparse
 KINDS = ("fractals", "deadleaves", "fractal-leaves")
 
 
+HELP = {"fractals": "FractalDB-style categories: a random IFS per class, rendered by the chaos game",
+        "deadleaves": "dead-leaves images: occluding shapes with power-law sizes, a palette per class",
+        "fractal-leaves": "a fractal class over a dead-leaves background (the default pretraining data)"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=KINDS, help="fractals (FractalDB-style IFS), deadleaves, or fractal-leaves "
-                        "(a fractal class over a dead-leaves background; the default pretraining data)")
-    parser.add_argument("--classes", type=int, required=True, help="number of classes")
-    parser.add_argument("--per-class", type=int, required=True, help="training images per class")
-    parser.add_argument("--size", type=int, required=True, help="image side in pixels (>= 8)")
-    parser.add_argument("--out", required=True, help="output directory (new, empty, or a matching dataset)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    parser.add_argument("--val-per-class", type=int, default=0,
-                        help="held-out images per class; > 0 writes out/train and out/val (default 0: flat layout)")
-    parser.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind in KINDS:
+        p = sub.add_parser(kind, help=HELP[kind], description=HELP[kind])
+        p.add_argument("--classes", type=int, required=True, help="number of classes")
+        p.add_argument("--per-class", type=int, required=True, help="training images per class")
+        p.add_argument("--size", type=int, required=True, help="image side in pixels (>= 8)")
+        p.add_argument("--out", required=True, help="output directory (new, empty, or a matching dataset)")
+        p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+        p.add_argument("--val-per-class", type=int, default=0,
+                       help="held-out images per class; > 0 writes out/train and out/val (default 0: flat layout)")
+        p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # the transfer tasks' datasets, written in their real on-disk formats (COCO JSON, NYUv2, GOT-10k, ImageFolder)
+    from mimlab.transfer.synthetic import add_data_subcommands
+
+    add_data_subcommands(sub)
 
 
 def run(args: argparse.Namespace) -> int:
     import time
+
+    if getattr(args, "_generate", None):
+        from mimlab.transfer.synthetic import run_data_subcommand
+
+        return run_data_subcommand(args)
 
     from mimlab.data.synthetic import write_imagefolder
 

@@ -3,7 +3,7 @@
 `ARCH` = `hf:PATH` on the command line: PATH is a `save_pretrained` directory (config.json + weights). Supported
 `model_type`s: vit, deit, beit, vit_mae, swin (base models; a checkpoint saved from a task model, e.g.
 ViTForImageClassification, loads its backbone and the head is reported as unused). Attention is forced to the
-"eager" implementation (the logits go through one `F.softmax`, which `mimlab.probe.families.capture_softmax`
+"eager" implementation (the logits go through one `F.softmax`, which `mimlab.probe.capture.capture_softmax`
 intercepts). Nothing is downloaded: `local_files_only=True`. transformers is an optional dependency
 (`pip install mimlab[hf]`) and is imported lazily.
 

@@ -19,7 +19,8 @@ from mimlab.errors import MimlabError
 from mimlab.probe.accumulate import StreamingMean, percentile_ci
 from mimlab.probe.attention_stats import METRICS, ChunkSums, attention_logits, chunk_sums, finalize_image_stats
 from mimlab.probe.capture import CaptureError, SDPACall, capture_attention
-from mimlab.probe.families import capture_softmax, per_image_window_mean
+from mimlab.probe.capture import capture_softmax
+from mimlab.probe.families import per_image_window_mean
 from mimlab.probe.cka import MinibatchCKA, gram_linear
 
 CKA_FEATURES = ("flatten", "mean", "cls")

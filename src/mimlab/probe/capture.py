@@ -62,40 +62,49 @@ def _sdpa_wrapper(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
                           scale=scale, enable_gqa=enable_gqa, **kwargs)
 
 
-@contextmanager
-def capture_attention(modules: Sequence[tuple[str, nn.Module]], sink: Sink) -> Iterator[None]:
-    """Within the block, every forward of each named module must call SDPA exactly once; each call goes to `sink`."""
-    if _state["sink"] is not None:
-        raise RuntimeError("capture_attention is not re-entrant")
-    handles = []
-    saved_fused: list[tuple[nn.Module, bool]] = []
+def _watch(modules: Sequence[tuple[str, nn.Module]], state: dict, function: str, need: str) -> list:
+    """Hooks that keep `state["stack"]` = the watched module being run and check that its forward called the
+    intercepted `function` exactly once (else `CaptureError` naming the module and what the capture needs)."""
     counts: dict[str, int] = {}
 
     def make_pre(name: str):
-        def pre(module, args, kwargs=None):
-            _state["stack"].append(name)
+        def pre(module, args):
+            state["stack"].append(name)
             counts[name] = 0
         return pre
 
     def make_post(name: str):
         def post(module, args, output):
-            _state["stack"].pop()
+            state["stack"].pop()
             n = counts.get(name, 0)
             if n != 1:
                 how = "never called" if n == 0 else f"called {n} times"
-                raise CaptureError(
-                    f"cannot capture attention of {name} ({type(module).__name__}): its forward {how} "
-                    "torch.nn.functional.scaled_dot_product_attention; the probe only supports modules that compute "
-                    "attention through one fused SDPA call (timm Attention, BEiT, Swin window attention, ...)")
+                raise CaptureError(f"cannot capture attention of {name} ({type(module).__name__}): its forward {how} "
+                                   f"torch.nn.functional.{function}; {need}")
         return post
 
+    handles = []
     for name, module in modules:
+        handles.append(module.register_forward_pre_hook(make_pre(name)))
+        handles.append(module.register_forward_hook(make_post(name)))
+    state.update(counts=counts, stack=[])
+    return handles
+
+
+@contextmanager
+def capture_attention(modules: Sequence[tuple[str, nn.Module]], sink: Sink) -> Iterator[None]:
+    """Within the block, every forward of each named module must call SDPA exactly once; each call goes to `sink`."""
+    if _state["sink"] is not None:
+        raise RuntimeError("capture_attention is not re-entrant")
+    saved_fused: list[tuple[nn.Module, bool]] = []
+    for _, module in modules:
         if hasattr(module, "fused_attn"):
             saved_fused.append((module, module.fused_attn))
             module.fused_attn = True
-        handles.append(module.register_forward_pre_hook(make_pre(name)))
-        handles.append(module.register_forward_hook(make_post(name)))
-    _state.update(sink=sink, counts=counts, stack=[])
+    handles = _watch(modules, _state, "scaled_dot_product_attention",
+                     "the probe only supports modules that compute attention through one fused SDPA call "
+                     "(timm Attention, BEiT, Swin window attention, ...)")
+    _state["sink"] = sink
     F.scaled_dot_product_attention = _sdpa_wrapper
     try:
         yield
@@ -106,3 +115,48 @@ def capture_attention(modules: Sequence[tuple[str, nn.Module]], sink: Sink) -> I
             h.remove()
         for module, fused in saved_fused:
             module.fused_attn = fused
+
+
+# ---------------------------------------------------------------------------------------------- softmax capture
+@dataclass
+class SoftmaxCall:
+    """The input of the one softmax an attention module computes: the logits (B, H, Nq, Nk)."""
+
+    logits: torch.Tensor
+
+
+_original_softmax = F.softmax
+_sm_state: dict = {"stack": [], "sink": None, "counts": None}
+
+
+def _softmax_wrapper(input, dim=None, _stacklevel=3, dtype=None):
+    stack = _sm_state["stack"]
+    if stack and _sm_state["sink"] is not None:
+        name = stack[-1]
+        _sm_state["counts"][name] = _sm_state["counts"].get(name, 0) + 1
+        if dim is None or dim not in (-1, input.dim() - 1):
+            raise CaptureError(f"{name}: softmax over dim {dim} of a {input.dim()}-d tensor; expected attention "
+                               "logits softmaxed over their last (key) dimension")
+        _sm_state["sink"](name, SoftmaxCall(input))
+    return _original_softmax(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+
+@contextmanager
+def capture_softmax(modules: Sequence[tuple[str, nn.Module]], sink: Callable[[str, SoftmaxCall], None]
+                    ) -> Iterator[None]:
+    """For attention computed by hand (SwinV2's cosine attention, Hugging Face eager attention): every forward of
+    each named module must call `torch.nn.functional.softmax` exactly once (directly or through `nn.Softmax`);
+    its input, the attention logits, goes to `sink`. Anything else raises `CaptureError` naming the module."""
+    if _sm_state["sink"] is not None:
+        raise RuntimeError("capture_softmax is not re-entrant")
+    handles = _watch(modules, _sm_state, "softmax",
+                     "the softmax capture needs exactly one softmax over the attention logits (eager attention)")
+    _sm_state["sink"] = sink
+    F.softmax = _softmax_wrapper
+    try:
+        yield
+    finally:
+        F.softmax = _original_softmax
+        _sm_state.update(sink=None, counts=None, stack=[])
+        for h in handles:
+            h.remove()

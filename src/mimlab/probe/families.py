@@ -5,7 +5,7 @@ The probe (`mimlab.probe.api`) is family-agnostic: it asks an adapter for
   tokens a query sees, the uniform-attention baseline, and for window attention the windows per image);
 - `capture`: how the attention logits are intercepted: `"sdpa"` (the module calls
   `F.scaled_dot_product_attention` once: `mimlab.probe.capture`) or `"softmax"` (the module computes its logits
-  itself and calls `F.softmax` once on them: `capture_softmax` below);
+  itself and calls `F.softmax` once on them: `mimlab.probe.capture.capture_softmax`);
 - `blocks` and `tokens(output)`: the block outputs used for CKA, as (B, tokens, C) with prefix tokens first;
 - `forward(x)`: the model's forward on a batch of images.
 
@@ -16,17 +16,15 @@ softmaxed with `nn.Softmax`: captured at the softmax input, which is exactly the
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mimlab.errors import MimlabError
 from mimlab.models.layout import TokenLayout, WindowGeometry, attention_modules, block_modules, inspect_layout
-from mimlab.probe.capture import CaptureError
+from mimlab.probe.capture import CaptureError, SoftmaxCall, capture_softmax  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -51,74 +49,6 @@ class AttentionLayer:
     @property
     def num_windows(self) -> int:
         return self.geometry.num_windows if self.geometry is not None else 1
-
-
-@dataclass
-class SoftmaxCall:
-    """The input of the one softmax an attention module computes: the logits (B, H, Nq, Nk)."""
-
-    logits: torch.Tensor
-
-
-# ---------------------------------------------------------------------------------------------- softmax capture
-
-_original_softmax = F.softmax
-_sm_state: dict = {"stack": [], "sink": None, "counts": None}
-
-
-def _softmax_wrapper(input, dim=None, _stacklevel=3, dtype=None):
-    stack = _sm_state["stack"]
-    if stack and _sm_state["sink"] is not None:
-        name = stack[-1]
-        _sm_state["counts"][name] = _sm_state["counts"].get(name, 0) + 1
-        if dim is None or dim not in (-1, input.dim() - 1):
-            raise CaptureError(f"{name}: softmax over dim {dim} of a {input.dim()}-d tensor; expected attention "
-                               "logits softmaxed over their last (key) dimension")
-        _sm_state["sink"](name, SoftmaxCall(input))
-    return _original_softmax(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
-
-
-@contextmanager
-def capture_softmax(modules: Sequence[tuple[str, nn.Module]], sink: Callable[[str, SoftmaxCall], None]
-                    ) -> Iterator[None]:
-    """Within the block, every forward of each named module must call `torch.nn.functional.softmax` exactly once
-    (directly or through `nn.Softmax`); its input, the attention logits, goes to `sink`. Anything else raises
-    `CaptureError` naming the module: a module computing attention another way is never silently skipped."""
-    if _sm_state["sink"] is not None:
-        raise RuntimeError("capture_softmax is not re-entrant")
-    counts: dict[str, int] = {}
-    handles = []
-
-    def make_pre(name: str):
-        def pre(module, args):
-            _sm_state["stack"].append(name)
-            counts[name] = 0
-        return pre
-
-    def make_post(name: str):
-        def post(module, args, output):
-            _sm_state["stack"].pop()
-            n = counts.get(name, 0)
-            if n != 1:
-                how = "never called" if n == 0 else f"called {n} times"
-                raise CaptureError(
-                    f"cannot capture attention of {name} ({type(module).__name__}): its forward {how} "
-                    "torch.nn.functional.softmax; the softmax capture needs exactly one softmax over the attention "
-                    "logits (eager attention)")
-        return post
-
-    for name, module in modules:
-        handles.append(module.register_forward_pre_hook(make_pre(name)))
-        handles.append(module.register_forward_hook(make_post(name)))
-    _sm_state.update(sink=sink, counts=counts, stack=[])
-    F.softmax = _softmax_wrapper
-    try:
-        yield
-    finally:
-        F.softmax = _original_softmax
-        _sm_state.update(sink=None, counts=None, stack=[])
-        for h in handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------------- adapters

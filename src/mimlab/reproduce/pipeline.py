@@ -79,13 +79,14 @@ class Study:
                                    lambda d: {"model": str(path.resolve()), "imported": True}).outputs
         conf = {"method": method, "arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "data": cfg.pretrain_data,
                 "steps": cfg.pretrain_steps, "batch_size": cfg.pretrain_batch_size, "seed": cfg.init_seed,
+                "lr": cfg.pretrain_lr,
                 "precision": cfg.precision, "mask_patch_size": cfg.mask_patch_size}
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.pretrain.api import PretrainConfig, pretrain
 
             res = pretrain(PretrainConfig(method=method, model=cfg.arch, data=cfg.pretrain_data, out=d,
-                                          model_kwargs=self.kwargs, steps=cfg.pretrain_steps,
+                                          model_kwargs=self.kwargs, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                                           batch_size=cfg.pretrain_batch_size, seed=cfg.init_seed,
                                           resume=(d / "checkpoints" / "last.pt").is_file(),
                                           device=self.device, precision=cfg.precision,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mimlab.probe.attention_stats import METRICS
-from mimlab.reproduce.claims import (INCONCLUSIVE, TASK_METRIC, Thresholds, evaluate_claims, gate_model,
+from mimlab.reproduce.claims import (TASK_METRIC, Thresholds, evaluate_claims, gate_model,
                                      mean_offdiag, t975)
 from mimlab.reproduce.pipeline import load_json
 from mimlab.reproduce.presets import StudyConfig
