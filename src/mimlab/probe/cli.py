@@ -8,13 +8,14 @@ EPILOG = """examples:
   mimlab probe sim=beit_base_patch16_224@simmim_pretrain.pth sup=deit_base_patch16_224@deit_base.pth \\
       --model-kwargs use_abs_pos_emb=False,use_rel_pos_bias=True,init_values=0.1 --model-kwargs "" \\
       --data /data/imagenet/val --images 1000 --batch-size 50 --device cuda --out runs/vitb
-MODEL is [LABEL=]ARCH[@CHECKPOINT]; without a checkpoint the model is randomly initialised (flagged loudly)."""
+MODEL is [LABEL=]ARCH[@CHECKPOINT]: ARCH a timm model name (ViT, DeiT, BEiT, Swin, SwinV2, ...) or hf:DIR (a Hugging
+Face save_pretrained directory); without a checkpoint the model is randomly initialised (flagged loudly)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
-    p.add_argument("models", nargs="+", metavar="MODEL", help="[LABEL=]ARCH[@CHECKPOINT] (timm ARCH, local checkpoint)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="[LABEL=]ARCH[@CHECKPOINT] (timm ARCH or hf:DIR, local checkpoint)")
     p.add_argument("--data", required=True,
                    help="image folder (recursive, sorted by relative path), a .npy float32 N x 3 x H x W array "
                         "(already normalised), or builtin[:KIND] (held-out built-in images)")
