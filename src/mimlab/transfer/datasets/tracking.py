@@ -1,0 +1,127 @@
+"""Single-object tracking sequences in the GOT-10k and LaSOT layouts.
+
+- GOT-10k: `ROOT/{train,val}/<sequence>/00000001.jpg ...` + `groundtruth.txt` (optional `list.txt`).
+- LaSOT: `ROOT/<class>/<class>-N/img/00000001.jpg ...` + `ROOT/<class>/<class>-N/groundtruth.txt`; the split is
+  `ROOT/{train,val,test}/...` or, for the official tree, `testing_set.txt` (and optionally `training_set.txt`)
+  naming the sequences.
+`groundtruth.txt` has one `x,y,w,h` line per frame (top-left corner and size, pixels); commas, tabs or spaces
+separate the numbers. Boxes with NaN or a non-positive size mark frames without a valid target (not scored).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mimlab.errors import MimlabError
+from mimlab.transfer.datasets.common import IMAGE_SUFFIXES
+
+
+@dataclass
+class Sequence:
+    name: str
+    frames: list[Path]
+    boxes: np.ndarray  # (N, 4) x, y, w, h
+
+    @property
+    def valid(self) -> np.ndarray:
+        b = self.boxes
+        return np.isfinite(b).all(1) & (b[:, 2] > 0) & (b[:, 3] > 0)
+
+
+def parse_groundtruth(path: str | Path) -> np.ndarray:
+    """(N, 4) float array of x, y, w, h; one line per frame, separated by commas, tabs or spaces."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimlabError(f"groundtruth file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p for p in re.split(r"[,\t ]+", line.strip()) if p]
+        if len(parts) != 4:
+            raise MimlabError(f"{path}:{lineno}: expected 4 numbers x,y,w,h, got {len(parts)} ('{line.strip()}')")
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            raise MimlabError(f"{path}:{lineno}: not numbers: '{line.strip()}'") from None
+        if any(math.isinf(v) for v in vals):
+            raise MimlabError(f"{path}:{lineno}: infinite value in '{line.strip()}'")
+        rows.append(vals)
+    if not rows:
+        raise MimlabError(f"{path}: no boxes")
+    return np.asarray(rows, dtype=np.float64)
+
+
+def load_sequence(seq_dir: str | Path, name: str | None = None) -> Sequence:
+    """A sequence folder: `groundtruth.txt` and its frames (in `img/` if present, else beside it)."""
+    seq_dir = Path(seq_dir)
+    boxes = parse_groundtruth(seq_dir / "groundtruth.txt")
+    frame_dir = seq_dir / "img" if (seq_dir / "img").is_dir() else seq_dir
+    files = sorted(p for p in frame_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    numbered = {int(p.stem): p for p in files if p.stem.isdigit()}
+    n = len(boxes)
+    if numbered and len(numbered) == len(files):  # numbered frames: frame i is <i> (1-based)
+        for i in range(1, n + 1):
+            if i not in numbered:
+                suffix = files[0].suffix
+                raise MimlabError(f"{seq_dir}: missing frame {frame_dir / f'{i:08d}{suffix}'} "
+                                  f"(groundtruth.txt has {n} lines)")
+        frames = [numbered[i] for i in range(1, n + 1)]
+    else:
+        if len(files) < n:
+            raise MimlabError(f"{seq_dir}: {len(files)} frames but groundtruth.txt has {n} lines (missing frames)")
+        frames = files[:n]
+    return Sequence(name=name or seq_dir.name, frames=frames, boxes=boxes)
+
+
+def _sequence_dirs(root: Path) -> list[Path]:
+    list_file = root / "list.txt"
+    if list_file.is_file():
+        names = [s.strip() for s in list_file.read_text().splitlines() if s.strip()]
+        dirs = [root / s for s in names]
+        missing = [d for d in dirs if not d.is_dir()]
+        if missing:
+            raise MimlabError(f"{list_file}: sequence folder not found: {missing[0]}")
+        return dirs
+    return sorted(p.parent for p in root.rglob("groundtruth.txt"))
+
+
+def load_sequences(root: str | Path, names: set[str] | None = None) -> list[Sequence]:
+    root = Path(root)
+    dirs = _sequence_dirs(root)
+    if names is not None:
+        dirs = [d for d in dirs if d.name in names]
+    if not dirs:
+        raise MimlabError(f"{root}: no sequences (folders with groundtruth.txt)")
+    return [load_sequence(d) for d in dirs]
+
+
+def find_tracking_splits(data: str | Path) -> tuple[list[Sequence], list[Sequence]]:
+    """Training and evaluation sequences from a GOT-10k or LaSOT tree (see the module docstring)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise MimlabError(f"--data {data}: not a directory")
+    if (data / "train").is_dir():
+        val = next((data / n for n in ("val", "test") if (data / n).is_dir()), None)
+        if val is None:
+            raise MimlabError(f"--data {data}: has train/ but no val/ or test/ folder")
+        return load_sequences(data / "train"), load_sequences(val)
+    if (data / "testing_set.txt").is_file():
+        test_names = {s.strip() for s in (data / "testing_set.txt").read_text().splitlines() if s.strip()}
+        all_dirs = sorted(p.parent for p in data.rglob("groundtruth.txt"))
+        if (data / "training_set.txt").is_file():
+            train_names = {s.strip() for s in (data / "training_set.txt").read_text().splitlines() if s.strip()}
+        else:
+            train_names = {d.name for d in all_dirs} - test_names
+        train = [load_sequence(d) for d in all_dirs if d.name in train_names]
+        test = [load_sequence(d) for d in all_dirs if d.name in test_names]
+        if not train or not test:
+            raise MimlabError(f"--data {data}: testing_set.txt leaves {len(train)} training and {len(test)} "
+                              "test sequences; need at least one of each")
+        return train, test
+    raise MimlabError(f"--data {data}: expected GOT-10k style train/ and val/ folders, or a LaSOT tree with "
+                      "testing_set.txt")

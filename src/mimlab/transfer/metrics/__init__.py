@@ -1,0 +1,1 @@
+"""Transfer metrics: classification, keypoints (OKS AP via pycocotools), depth, tracking (OPE)."""
