@@ -24,13 +24,7 @@ KW_TEXT = "img_size=16,patch_size=4,depth=2,embed_dim=32,num_heads=2"
 DATA = "builtin?classes=4&per_class=8"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

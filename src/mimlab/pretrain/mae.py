@@ -109,11 +109,9 @@ class MAE(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
-        names = {"mask_token"}
-        fn = getattr(self.encoder, "no_weight_decay", None)
-        if callable(fn):
-            names |= {f"encoder.{n}" for n in fn()}
-        return names
+        from mimlab.pretrain.simmim import wrapper_no_weight_decay
+
+        return wrapper_no_weight_decay(self.encoder)
 
     def forward_encoder(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                                     torch.Tensor]:

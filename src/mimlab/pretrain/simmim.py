@@ -66,6 +66,15 @@ def encoder_geometry(encoder: nn.Module) -> dict[str, Any]:
             "num_prefix_tokens": int(getattr(encoder, "num_prefix_tokens", 0))}
 
 
+def wrapper_no_weight_decay(encoder: nn.Module, own: tuple[str, ...] = ("mask_token",)) -> set[str]:
+    """No-decay names of a pretraining wrapper: its own tokens plus the encoder's `no_weight_decay()` names."""
+    names = set(own)
+    fn = getattr(encoder, "no_weight_decay", None)
+    if callable(fn):
+        names |= {f"encoder.{n}" for n in fn()}
+    return names
+
+
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
     """``sum(|pred - target| * m) / (sum(m) * C)`` with m (B, 1, H, W) in {0, 1} broadcast over C channels."""
     m = pixel_mask.to(pred.dtype)
@@ -112,11 +121,7 @@ class SimMIM(nn.Module):
         return nn.Identity()
 
     def no_weight_decay(self) -> set[str]:
-        names = {"mask_token"}
-        fn = getattr(self.encoder, "no_weight_decay", None)
-        if callable(fn):
-            names |= {f"encoder.{n}" for n in fn()}
-        return names
+        return wrapper_no_weight_decay(self.encoder)
 
     def _mask_tokens(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, L, D) or (B, H, W, D); mask (B, gh, gw): masked embeddings -> the mask token."""
