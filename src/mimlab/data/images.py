@@ -40,17 +40,20 @@ def open_rgb(path: Path):
 
 
 class MultiTransformImages(Dataset):
-    """Item i = tuple of `transform(image_i)` for each transform (one per distinct model data config)."""
+    """Item i = tuple of `transform(load(items[i]))` for each transform (one per distinct model data config).
 
-    def __init__(self, files: Sequence[Path], transforms: Sequence[Callable]):
-        self.files = list(files)
+    `load` defaults to reading an image file (`items` are paths); pass another loader for in-memory sources."""
+
+    def __init__(self, items: Sequence, transforms: Sequence[Callable], load: Callable | None = None):
+        self.items = list(items)
         self.transforms = list(transforms)
+        self.load = load or open_rgb
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
     def __getitem__(self, i: int):
-        img = open_rgb(self.files[i])
+        img = self.load(self.items[i])
         return tuple(t(img) for t in self.transforms)
 
 

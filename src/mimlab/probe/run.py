@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -146,8 +147,7 @@ def make_batches(req: ProbeRequest, models: Sequence[ProbeModel]):
         # held-out images: indices far from any training set made with the defaults
         ds = SyntheticImages(kind, classes=classes, per_class=-(-count // classes), size=size, seed=req.seed,
                              offset=1_000_000)
-        files = None
-        dataset = _SyntheticView(ds, count, transforms)
+        dataset = MultiTransformImages(range(count), transforms, load=partial(_synthetic_image, ds))
         desc = {"kind": "builtin", "generator": kind, "classes": classes, "size": size, "offset": 1_000_000}
     elif path.endswith(".npy"):
         x = load_npy(path)
@@ -175,16 +175,9 @@ def make_batches(req: ProbeRequest, models: Sequence[ProbeModel]):
     return loader, len(dataset), desc
 
 
-class _SyntheticView(torch.utils.data.Dataset):
-    def __init__(self, ds, count: int, transforms):
-        self.ds, self.count, self.transforms = ds, count, transforms
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int):
-        img, _ = self.ds[i]
-        return tuple(t(img) for t in self.transforms)
+def _synthetic_image(ds, i: int):
+    """Item i of a SyntheticImages set, without its label (a module-level function: picklable for workers)."""
+    return ds[i][0]
 
 
 def run_probe(req: ProbeRequest) -> tuple[ProbeResult, dict[str, Any]]:
