@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--fp8", action="store_true",
+                   help="also time every step loop with the blocks' linear layers in float8 (mimlab.models.fp8)")
     p.add_argument("--steps", type=int, default=8, help="steps per timed block")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
@@ -107,13 +109,16 @@ def fixed_inputs(method: str, net, batch: int, img: tuple[int, int], device):
     return lambda n: (torch.nn.functional.cross_entropy(n(x).float(), y), {})
 
 
-def make_stepper(net, forward: Callable, args, device) -> Callable[[], None]:
+def make_stepper(net, forward: Callable, args, device, fp8: bool = False) -> Callable[[], None]:
     """One training step (autocast forward, backward, fused AdamW) of `net` on a fixed batch."""
     import torch
 
     from mimlab.engine import autocast_context, build_adamw, param_groups_weight_decay
+    from mimlab.models.fp8 import convert_linears_to_fp8
 
     net.to(device).train()
+    if fp8:
+        convert_linears_to_fp8(net)
     opt = build_adamw(param_groups_weight_decay(net, 0.05), lr=1e-4)
     run_net = torch.compile(net) if args.compile else net
     amp = autocast_context(args.precision, device)
@@ -193,12 +198,19 @@ def main(argv: list[str] | None = None) -> int:
 
     x = torch.randn(args.batch_size, 3, *img, device=device)
     y = torch.randint(0, 100, (args.batch_size,), device=device)
-    steppers = {"timm": make_stepper(ref, lambda n: (torch.nn.functional.cross_entropy(n(x).float(), y), {}),
-                                     args, device)}
+    timm_fwd = lambda n: (torch.nn.functional.cross_entropy(n(x).float(), y), {})  # noqa: E731
+    steppers = {"timm": make_stepper(ref, timm_fwd, args, device)}
+    if args.fp8:
+        ref8, _ = create_model(args.model, kwargs, num_classes=100)
+        steppers["timm-fp8"] = make_stepper(ref8, timm_fwd, args, device, fp8=True)
     if not args.no_step:
         for m in methods:
             net = build_method(m, args.model, kwargs, 100)
             steppers[f"{m}-step"] = make_stepper(net, fixed_inputs(m, net, args.batch_size, img, device), args, device)
+            if args.fp8:
+                net8 = build_method(m, args.model, kwargs, 100)
+                steppers[f"{m}-step-fp8"] = make_stepper(net8, fixed_inputs(m, net8, args.batch_size, img, device),
+                                                         args, device, fp8=True)
     results.update(time_interleaved(steppers, device, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
                                     repeats=args.repeats))
     for name, r in results.items():

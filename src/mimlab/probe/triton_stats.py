@@ -14,18 +14,18 @@ pass 1, per head and query: the row maximum m over patch keys and R = sum_j (exp
     m_i = -expm1(lse_patch - lse_all).
 pass 2, per key block: lpk = log(K p) = (s - m) - (lse_rel - log K), p = exp(lpk) / K, and the sums
     sum_j p (row sum), sum_j p lpk (log K - entropy), sum_j p D (distance), sum_i p (column sums, for NMI),
-    cross[h, g] = sum_{i,j} p_h ell_g with ell = logaddexp(lpk, log(K eps)) (the KL cross terms), and
-    Jensen-Shannon per pair h < g: sum_{i,j} -min(p_h, p_g) a - (p_h + p_g) log1p(expm1(-a) / 2), a = |lpk_h - lpk_g|.
+    cross[h, g] = sum_{i,j} p_h ell_g with ell = log(K (p + eps)) (the KL cross terms) as one tensor-core dot of
+    the (heads, BQ*BK) tiles in 3xTF32 (about float32 accuracy), and Jensen-Shannon per pair h < g:
+    sum_{i,j} (p_h + p_g) g(|lpk_h - lpk_g| / 2), g(x) = x tanh x - log cosh x (see `_js_g`: no cancellation).
 
 Per-row values go to a (5, B, H, K) float64 buffer and per-program partial sums to (B, num_query_blocks, ...)
 buffers; the sums over rows and programs are taken afterwards in float64 by torch (deterministic, no atomics).
 Arithmetic is float32 (inputs bf16/fp16/fp32; the q.k dot accumulates in float32, with IEEE precision for fp32
 inputs, never TF32), the row normalisers float64.
 
-On CUDA the transcendental functions come from libdevice (accurate to ~1 ulp; Triton's plain `tl.exp` is an
-approximation). Under `TRITON_INTERPRET=1` (CPU tests) they are numpy's, with Kahan's formulas for log1p and expm1
-(W. Kahan, as given in D. Goldberg, "What every computer scientist should know about floating-point arithmetic",
-1991, theorem 4), since the interpreter has no libdevice.
+On CUDA exp and log in the normalisers, p and ell come from libdevice (accurate to ~1 ulp); the Jensen-Shannon
+term uses Triton's fast `tl.exp`/`tl.log` (its formula has at most ~6x cancellation, so ~1e-7 relative error is
+ample). Under `TRITON_INTERPRET=1` (CPU tests) all of them are numpy's, since the interpreter has no libdevice.
 
 Triton APIs used: `tl.dot` on 3-D blocks with `input_precision` (Triton >= 3.0), `triton.language.extra.libdevice`
 (Triton >= 3.0); nothing newer.
@@ -93,25 +93,17 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _log1p(x, LIB: tl.constexpr):
-        if LIB:
-            y = libdevice.log1p(x)
-        else:   # Kahan: log(u) * x / (u - 1), u = 1 + x, exact where u - 1 == 0
-            u = 1.0 + x
-            d = u - 1.0
-            y = tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
-        return y
-
-    @triton.jit
-    def _expm1(x, LIB: tl.constexpr):
-        if LIB:
-            y = libdevice.expm1(x)
-        else:   # Kahan: (u - 1) * x / log(u), u = exp(x)
-            u = tl.exp(x)
-            d = u - 1.0
-            lu = tl.log(tl.where(u > 0.0, u, 1.0))
-            y = tl.where(d == 0.0, x, tl.where(d == -1.0, -1.0, d * (x / tl.where(lu == 0.0, 1.0, lu))))
-        return y
+    def _js_g(x):
+        """g(x) = x tanh x - log cosh x, x >= 0: the Jensen-Shannon term of two probabilities u, v is
+        u log(2u / (u + v)) + v log(2v / (u + v)) = (u + v) g(|log u - log v| / 2). g is second order at 0, so
+        it is evaluated without cancellation: a Taylor series below 0.5 (truncation < 1e-8 relative), and
+        log 2 - 2 x e / (1 + e) - log(1 + e) with e = exp(-2x) above (at most ~6x cancellation)."""
+        x2 = x * x
+        ser = x2 * (0.5 + x2 * (-0.25 + x2 * (1.0 / 9.0 + x2 * (-17.0 / 360.0 + x2 * (31.0 / 1575.0 + x2 * (
+            -691.0 / 85050.0 + x2 * (10922.0 / 3274425.0 + x2 * (-929569.0 / 681080400.0))))))))
+        e = tl.exp(-2.0 * tl.where(x < 0.5, 0.5, x))
+        big = 0.6931471805599453 - 2.0 * x * e / (1.0 + e) - tl.log(1.0 + e)
+        return tl.where(x < 0.5, ser, big)
 
     @triton.jit
     def _logits(q, k_ptr, bias_ptr, b, hh, rows, kb, skb, skh, skn, skd, sbb, sbh, sbn, sbm, scale, H, N, D,
@@ -144,9 +136,9 @@ if triton is not None:
     @triton.jit
     def _stats_kernel(q_ptr, k_ptr, bias_ptr, dist_ptr, rows_ptr, cross_ptr, js_ptr, col_ptr,
                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, sbb, sbh, sbn, sbm, sdw, sdr, sdc,
-                      B, H, N, P, K, D, QB, NW, scale, inv_k, log_keps,
+                      B, H, N, P, K, D, QB, NW, scale, inv_k, k_eps,
                       HAS_BIAS: tl.constexpr, HAS_PREFIX: tl.constexpr, DO_JS: tl.constexpr, LIB: tl.constexpr,
-                      PREC: tl.constexpr, H_PAD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                      PREC: tl.constexpr, XPREC: tl.constexpr, H_PAD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                       BD: tl.constexpr):
         pid = tl.program_id(0)
         b = tl.program_id(1)
@@ -192,7 +184,7 @@ if triton is not None:
             s_all = N * ca + ra.to(tl.float64)                                 # sum_j exp(s_j - ma), all keys
 
         # ---- pass 2: statistics ----
-        lke = log_keps
+        keps = k_eps
         rowsum = tl.zeros((H_PAD, BQ), tl.float32)
         negent = tl.zeros((H_PAD, BQ), tl.float32)
         dist = tl.zeros((H_PAD, BQ), tl.float32)
@@ -212,7 +204,8 @@ if triton is not None:
             pv = (cols >= P) & (cols < N)
             valid = row_ok[:, :, None] & pv[None, None, :]
             lpk = tl.where(valid, (s - m[:, :, None]) - off[:, :, None], 0.0)
-            p = tl.where(valid, _exp(lpk, LIB) * inv_k, 0.0)
+            kp = _exp(lpk, LIB)                                               # K p
+            p = tl.where(valid, kp * inv_k, 0.0)
             rowsum += tl.sum(p, 2)
             negent += tl.sum(p * lpk, 2)
             dmask = (rows[:, None] < N) & pv[None, :]
@@ -221,18 +214,16 @@ if triton is not None:
             colpart = tl.sum(p, 1)                                            # (H_PAD, BK)
             tl.store(col_ptr + ((b * QB + pid) * H + hr) * K + (cols - P)[None, :], colpart,
                      mask=(hr < H) & pv[None, :])
-            # ell = log(K (p + eps)) = max(lpk, lke) + log1p(exp(-|lpk - lke|))
-            ell = tl.maximum(lpk, lke) + _log1p(_exp(-tl.abs(lpk - lke), LIB), LIB)
-            ell = tl.where(valid, ell, 0.0)
-            for h in range(0, H):
-                sel = h3 == h
-                ph = tl.sum(tl.where(sel, p, 0.0), 0)                         # (BQ, BK): head h
-                crow = tl.sum(tl.sum(ph[None, :, :] * ell, 2), 1)             # (H_PAD,): sum p_h ell_g
-                cross = tl.where(hr == h, cross + crow[None, :], cross)
-                if DO_JS:
+            # ell = log(K (p + eps)); cross[h, g] += sum_{i,j} p_h ell_g as one (H, BQ*BK) x (BQ*BK, H) dot
+            ell = tl.where(valid, _log(kp + keps, LIB), 0.0)
+            cross += tl.dot(tl.reshape(p, (H_PAD, BQ * BK)), tl.trans(tl.reshape(ell, (H_PAD, BQ * BK))),
+                            input_precision=XPREC)
+            if DO_JS:
+                for h in range(0, H - 1):
+                    sel = h3 == h
+                    ph = tl.sum(tl.where(sel, p, 0.0), 0)                     # (BQ, BK): head h
                     lh = tl.sum(tl.where(sel, lpk, 0.0), 0)
-                    a = tl.abs(lh[None, :, :] - lpk)
-                    t = -tl.minimum(ph[None, :, :], p) * a - (ph[None, :, :] + p) * _log1p(0.5 * _expm1(-a, LIB), LIB)
+                    t = (ph[None, :, :] + p) * _js_g(0.5 * tl.abs(lh[None, :, :] - lpk))
                     t = tl.where(h3 > h, t, 0.0)
                     jrow = tl.sum(tl.sum(t, 2), 1)
                     jsacc = tl.where(hr == h, jsacc + jrow[None, :], jsacc)
@@ -352,7 +343,7 @@ def fused_chunk_stats(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | Non
     if dist32.dim() == 2:
         dist32 = dist32.unsqueeze(0)
     QB = triton.cdiv(K, bq)
-    H_PAD = max(_next_pow2(H), 1)
+    H_PAD = max(_next_pow2(H), 1) if _KERNEL_INTERPRETED else 16   # tl.dot on the GPU needs >= 16
     BD = max(16, _next_pow2(d))
     rows = torch.empty(5, B, H, K, dtype=torch.float64, device=dev)
     cross_p = torch.empty(B, QB, H_PAD, H_PAD, dtype=torch.float32, device=dev)
@@ -364,9 +355,10 @@ def fused_chunk_stats(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | Non
     _stats_kernel[(QB, B)](
         q, k, bptr, dist32, rows, cross_p, js_p, col_p,
         *q.stride(), *k.stride(), *bstr, *dist32.stride(),
-        B, H, N, P, K, d, QB, dist32.shape[0], float(scale), 1.0 / K, math.log(K * eps),
+        B, H, N, P, K, d, QB, dist32.shape[0], float(scale), 1.0 / K, K * eps,
         HAS_BIAS=bias is not None, HAS_PREFIX=P > 0, DO_JS=bool(js and H > 1), LIB=lib,
         PREC="ieee" if q.dtype == torch.float32 else None,      # fp32: never TF32; 16-bit: the default
+        XPREC="ieee" if _KERNEL_INTERPRETED else "tf32x3",       # the cross-term dot: ~float32 on tensor cores
         H_PAD=H_PAD, BQ=bq, BK=bk, BD=BD, num_warps=num_warps or 8)
     return _reduce(rows, cross_p, js_p if js and H > 1 else None, col_p, H, K, renormalize)
 
