@@ -161,6 +161,34 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
 
 
+def test_checkpoint_is_plain_data_and_rng_states_round_trip(tmp_path):
+    """Format 2: loads with torch.load(weights_only=True); RNG states (python, numpy, torch) restore exactly;
+    numpy values in the run identity are stored as plain numbers and still match on resume."""
+    import random
+
+    import numpy as np
+
+    from mimlab.engine import capture_rng, restore_rng
+
+    ident = {"method": "a", "ratio": np.float64(0.75), "cells": np.int64(10), "path": tmp_path}
+    train(make_model(), mse, Regression(), cfg_for(tmp_path / "run", steps=2, identity=ident))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["identity"]["ratio"] == 0.75 and type(state["identity"]["ratio"]) is float
+    assert state["identity"]["path"] == str(tmp_path)
+    rng = state["rng"][0]
+    assert rng["numpy"]["keys"].dtype == torch.int64 and rng["python"]["state"].dtype == torch.int64
+    res = train(make_model(), mse, Regression(), cfg_for(tmp_path / "run", steps=3, resume=True, identity=ident))
+    assert (res.start_step, res.step) == (2, 3)
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()                     # leaves a cached gaussian in numpy's legacy state
+    saved = capture_rng()
+    torch.save(saved, tmp_path / "rng.pt")
+    first = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == first
+
+
 def test_grad_accumulation_matches_the_full_batch(tmp_path):
     a, b = make_model(dropout=0.0), make_model(dropout=0.0)
     train(a, mse, Regression(), cfg_for(tmp_path / "a", steps=4))

@@ -174,7 +174,7 @@ def test_torchrun_two_process_gloo_matches_one_process(tmp_path):
     l1 = [float(r["loss"]) for r in read_csv(tmp_path / "one" / "metrics.csv")]
     l2 = [float(r["loss"]) for r in read_csv(tmp_path / "two" / "metrics.csv")]
     assert l2 == pytest.approx(l1, rel=1e-4)
-    assert len(torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)["rng"]) == 2
+    assert len(torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)["rng"]) == 2
 
 
 def _image_folder(root: Path, n_per_class: int = 4, bad: bool = True) -> Path:

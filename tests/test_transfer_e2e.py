@@ -64,7 +64,7 @@ def test_linear_mode_keeps_backbone_and_ablation_recorded(data, tmp_path):
                           steps=2, batch_size=4, mode="linear", progress=False, drop_last_blocks=1)
     assert report["backbone"]["drop_last_blocks"] == 1 and report["backbone"]["num_blocks"] == 1
     assert report["train"]["trainable_params"] == 32 * 3 + 3
-    state = torch.load(tmp_path / "lin" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "lin" / "checkpoints" / "last.pt", weights_only=True)["model"]
     torch.manual_seed(0)
     from mimlab.transfer.backbone import build_backbone
 

@@ -37,7 +37,9 @@ Contract
 * **Checkpoints**: ``out_dir/checkpoints/last.pt`` every ``cfg.save_every`` steps and at the end, written
   atomically (temp file + rename): model, optimizer, scaler, EMA, RNG states of every rank (python, numpy,
   torch, cuda), step, data position, the run identity and ``extra_state``. The lr schedule is a pure function of
-  the step, so it needs no state.
+  the step, so it needs no state. The file holds tensors and plain data only (RNG states as tensors/ints) and
+  is read with ``torch.load(weights_only=True)``, so a crafted checkpoint cannot run code; a full disk raises a
+  one-line `MimlabError` and leaves the previous checkpoint in place.
 * **Resume**: ``cfg.resume`` continues exactly from the checkpoint (bitwise on deterministic CPU runs);
   rows of the CSV logs past the checkpoint are dropped and rewritten. ``cfg.identity`` (plus batch size, seed,
   dataset length) must match the checkpoint's. Without a checkpoint, ``resume`` starts from step 0.

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from mimlab.utils.io import atomic_write_text
+from mimlab.utils.io import atomic_write_text, disk_full_error, is_disk_full
 
 
 def _fmt(v: Any) -> Any:
@@ -47,12 +47,17 @@ class CsvLog:
         new = self.header is None
         if new:
             self.header = list(row)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(self.header)
-            w.writerow([_fmt(row.get(k, "")) for k in self.header])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(self.header)
+                w.writerow([_fmt(row.get(k, "")) for k in self.header])
+        except OSError as e:
+            if is_disk_full(e):  # a torn last row is past the last checkpoint: resuming drops it
+                raise disk_full_error(self.path, atomic=False) from None
+            raise
 
 
 class RunLogger:

@@ -230,6 +230,17 @@ def _probe_callback(cfg: PretrainConfig, spec, img_size: tuple[int, int]):
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Run one pretraining; the output directory is locked for the run's lifetime (`mimlab.utils.lock`), so a
+    second run into the same ``--out`` fails at once instead of corrupting this one (rank 0 holds the lock)."""
+    from mimlab.utils.lock import run_lock
+
+    if not _is_main():
+        return _pretrain(cfg)
+    with run_lock(cfg.out, verb="mimlab pretrain"):
+        return _pretrain(cfg)
+
+
+def _pretrain(cfg: PretrainConfig) -> PretrainResult:
     import torch
 
     from mimlab.engine import TrainConfig, seed_everything, train
@@ -378,7 +389,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 import copy
 
                 ema_net = copy.deepcopy(net).cpu()
-                ema_state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["ema"]
+                from mimlab.engine.state import load_checkpoint
+
+                ema_state = load_checkpoint(out / "checkpoints" / "last.pt")["ema"]
                 ema_net.load_state_dict(ema_state)
                 _save_weights(export_encoder_state(ema_net.encoder, cfg.model, kwargs), out / "model_ema.safetensors")
         run["result"] = {"step": result.step, "finished": not result.stopped_early, "final_loss": result.final_loss,

@@ -27,6 +27,15 @@ def _device(cfg: StudyConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _interrupted(stage_dir: Path) -> bool:
+    """A killed earlier attempt left outputs in this stage folder: resume it (from its checkpoint, or from step 0
+    over the partial logs of an attempt killed before its first checkpoint, which a fresh run would refuse)."""
+    from mimlab.reproduce.stages import PENDING
+    from mimlab.utils.lock import LOCK_NAME
+
+    return any(p.name not in (PENDING, LOCK_NAME) for p in stage_dir.iterdir())
+
+
 def _tail_mean(losses: list[float], frac: float = 0.1) -> float | None:
     if not losses:
         return None
@@ -88,7 +97,7 @@ class Study:
             res = pretrain(PretrainConfig(method=method, model=cfg.arch, data=cfg.pretrain_data, out=d,
                                           model_kwargs=self.kwargs, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                                           batch_size=cfg.pretrain_batch_size, seed=cfg.init_seed,
-                                          resume=(d / "checkpoints" / "last.pt").is_file(),
+                                          resume=_interrupted(d),
                                           device=self.device, precision=cfg.precision,
                                           mask_patch_size=cfg.mask_patch_size, progress=self.progress))
             run = res.run or {}
@@ -158,7 +167,7 @@ class Study:
             rep = run_transfer(task, f"{label}={cfg.arch}@{model_path}", data, d, model_kwargs=self.kwargs,
                                steps=cfg.transfer_steps.get(task), batch_size=cfg.transfer_batch_size, seed=seed,
                                device=self.device, drop_last_blocks=drop,
-                               resume=(d / "checkpoints" / "last.pt").is_file(), progress=self.progress,
+                               resume=_interrupted(d), progress=self.progress,
                                precision=cfg.precision)
             return {"metrics": rep["metrics"], "baseline": rep["baseline"]}
 
@@ -166,6 +175,16 @@ class Study:
 
     # ---------------------------------------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
+        """Run (or resume) the study; `OUT` is locked for the run's lifetime, so a second `mimlab reproduce`
+        into the same directory fails at once instead of corrupting this one."""
+        from mimlab.utils.io import remove_stale_temps
+        from mimlab.utils.lock import run_lock
+
+        with run_lock(self.out, verb="mimlab reproduce"):
+            remove_stale_temps(self.out, recursive=True)  # half-written files of a killed run (report, stages)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         self.log(cfg.scale_line())
         if "simmim" not in cfg.methods or "supervised" not in cfg.methods:

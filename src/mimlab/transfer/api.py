@@ -46,7 +46,31 @@ def run_transfer(task: str, backbone: str, data: str | Path, out: str | Path, *,
                  reinit_last_blocks: int = 0, resume: bool = False, overwrite: bool = False, save_every: int = 0,
                  num_workers: int = 0, precision: str = "fp32", eval_batch_size: int = 64, progress: bool = True,
                  normalize: str = "imagenet", options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one transfer experiment; returns the content written to `OUT/metrics.json` (rank 0; {} elsewhere)."""
+    """Run one transfer experiment; returns the content written to `OUT/metrics.json` (rank 0; {} elsewhere).
+
+    `out` is locked for the run's lifetime (`mimlab.utils.lock`; rank 0 holds it): a second run into the same
+    directory fails at once instead of corrupting this one."""
+    from mimlab.utils.lock import run_lock
+
+    kwargs = dict(model_kwargs=model_kwargs, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                  mode=mode, layer_decay=layer_decay, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                  clip_grad=clip_grad, drop_last_blocks=drop_last_blocks, reinit_last_blocks=reinit_last_blocks,
+                  resume=resume, overwrite=overwrite, save_every=save_every, num_workers=num_workers,
+                  precision=precision, eval_batch_size=eval_batch_size, progress=progress, normalize=normalize,
+                  options=options)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run_transfer(task, backbone, data, out, **kwargs)
+    with run_lock(out, verb="mimlab transfer"):
+        return _run_transfer(task, backbone, data, out, **kwargs)
+
+
+def _run_transfer(task: str, backbone: str, data: str | Path, out: str | Path, *,
+                  model_kwargs: dict[str, Any] | None, steps: int | None, batch_size: int | None, lr: float | None,
+                  seed: int, device: str, mode: str, layer_decay: float | None, weight_decay: float,
+                  warmup_steps: int | None, clip_grad: float | None, drop_last_blocks: int, reinit_last_blocks: int,
+                  resume: bool, overwrite: bool, save_every: int, num_workers: int, precision: str,
+                  eval_batch_size: int, progress: bool, normalize: str,
+                  options: dict[str, Any] | None) -> dict[str, Any]:
     import torch
 
     from mimlab.engine import TrainConfig, resolve_device, seed_everything, train
