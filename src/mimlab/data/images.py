@@ -1,6 +1,21 @@
-"""Images for the probe: a folder (recursive, sorted by relative path) or a `.npy` array used as is."""
+"""Images for the probe: a folder (recursive, sorted by relative path) or a `.npy` array used as is.
+
+`open_rgb` is the one image reader of mimlab (probe, pretraining and the transfer loaders use it): every file is
+decoded to 8-bit RGB the same way, and any file it cannot decode correctly is a `MimlabError` naming the file:
+- 8-bit modes (L, LA, P, PA, RGBA, CMYK, YCbCr, 1) go through PIL's `convert("RGB")`: grey is replicated to the
+  three channels, alpha is dropped (not composited), CMYK uses PIL's conversion (Adobe-inverted JPEGs included);
+- 16-bit greyscale (PNG/TIFF `I;16*`, or `I` with values in 0..65535) is scaled to 8 bit, `round(v * 255 / 65535)`
+  (PIL's own conversion would clip everything above 255 to white); 16-bit RGB PNGs are read by PIL as 8 bit;
+- 32-bit float images (`F`) and 32-bit integer images with values outside 0..65535 have no unambiguous 8-bit
+  reading and are refused;
+- images of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels (89,478,485 by default) are refused from their header,
+  before anything is decoded (decompression-bomb guard);
+- truncated, empty or corrupt files are refused (PIL's `LOAD_TRUNCATED_IMAGES` is never set).
+EXIF orientation is not applied (as in torchvision and timm).
+"""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,16 +42,66 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-def open_rgb(path: Path):
-    """Open an image as RGB, naming the file when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+def _decode(im, path: Path):
+    """An opened PIL image -> 8-bit RGB PIL image (see the module docstring), or MimlabError."""
+    from PIL import Image
 
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+            raise MimlabError(f"cannot read image {path}: 32-bit integer pixels with values "
+                              f"{int(arr.min())}..{int(arr.max())} (outside 0..65535) have no 8-bit reading; "
+                              "save it as an 8- or 16-bit image")
+        eight = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(eight).convert("RGB")
+    if mode == "F":
+        raise MimlabError(f"cannot read image {path}: 32-bit float pixels have no unambiguous 8-bit reading "
+                          "(0..1 or 0..255?); save it as an 8- or 16-bit image")
+    return im.convert("RGB")
+
+
+def open_rgb(path: str | Path):
+    """Open an image file as an 8-bit RGB PIL image, naming the file when it cannot be read correctly."""
+    import warnings
+
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise MimlabError(f"cannot read image {path}: " + ("it is a directory" if path.is_dir() else
+                                                             "no such file"))
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # checked below, as an error
+            with Image.open(path) as im:
+                w, h = im.size
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and w * h > limit:
+                    raise MimlabError(
+                        f"cannot read image {path}: {w}x{h} = {w * h:,} pixels is more than the limit of "
+                        f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS, a decompression-bomb guard); resize the image "
+                        "or raise that limit")
+                im.load()
+                return _decode(im, path)
+    except MimlabError:
+        raise
+    except Image.DecompressionBombError as e:
         raise MimlabError(f"cannot read image {path}: {e}") from None
+    except Exception as e:  # PIL's decoders raise many types on corrupt input (OSError, ValueError, SyntaxError...)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MimlabError(f"cannot read image {path}: {text}") from None
+
+
+def clean_worker_message(e: BaseException) -> str:
+    """The message of a MimlabError re-raised by a DataLoader from a worker process, without the worker's
+    traceback that torch prepends (`Caught MimlabError in DataLoader worker process 0. Original Traceback ...`)."""
+    text = str(e).strip()
+    if "Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]   # "mimlab.errors.MimlabError: <message>" (or a subclass)
+    m = re.match(r"^[A-Za-z_][\w.]*: (.*)$", last)
+    return m.group(1) if m else last
 
 
 class MultiTransformImages(Dataset):
@@ -57,8 +122,14 @@ class MultiTransformImages(Dataset):
         return tuple(t(img) for t in self.transforms)
 
 
+# storage address of each array returned by load_npy -> its file, so that errors about an image can name the file
+_NPY_SOURCES: dict[int, str] = {}
+
+
 class RepeatTensor(Dataset):
-    """Item i = (x[i],) * k: a pre-normalised array shared by all models."""
+    """Item i = (x[i],) * k: a pre-normalised array shared by all models. An image with NaN or inf values is an
+    error naming the file (when `x` came from `load_npy`) and the image index; only images actually read are
+    checked, so a large memory-mapped array is never scanned as a whole."""
 
     def __init__(self, x: torch.Tensor, k: int):
         self.x, self.k = x, k
@@ -67,11 +138,17 @@ class RepeatTensor(Dataset):
         return self.x.shape[0]
 
     def __getitem__(self, i: int):
-        return (self.x[i],) * self.k
+        xi = self.x[i]
+        if not bool(torch.isfinite(xi).all()):
+            src = _NPY_SOURCES.get(self.x.untyped_storage().data_ptr(), "(the .npy array)")
+            raise MimlabError(f"--data {src}: image {i} holds NaN or inf values; the probe needs finite, "
+                              "normalised pixels")
+        return (xi,) * self.k
 
 
 def load_npy(path: str | Path) -> torch.Tensor:
-    """A float32 array N x 3 x H x W, already normalised, used as is."""
+    """A float32 array N x 3 x H x W, already normalised, used as is (memory-mapped; `RepeatTensor` checks each
+    image it serves for NaN/inf)."""
     path = Path(path)
     if not path.is_file():
         raise MimlabError(f"--data {path}: no such file")
@@ -83,4 +160,8 @@ def load_npy(path: str | Path) -> torch.Tensor:
         raise MimlabError(f"--data {path}: expected shape N x 3 x H x W, got {tuple(arr.shape)}")
     if arr.dtype != np.float32:
         raise MimlabError(f"--data {path}: expected float32 (already normalised), got {arr.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    if arr.shape[0] == 0:
+        raise MimlabError(f"--data {path}: holds no images (shape {tuple(arr.shape)})")
+    x = torch.from_numpy(np.ascontiguousarray(arr))   # still memory-mapped: images are read when used
+    _NPY_SOURCES[x.untyped_storage().data_ptr()] = str(path)
+    return x

@@ -509,6 +509,21 @@ def _check_fit(sd: Mapping[str, "torch.Tensor"], model_sd: Mapping[str, "torch.T
     raise MimlabError(text)
 
 
+def _check_finite(sd: Mapping[str, "torch.Tensor"], params: set[str], origin: Mapping[str, str], path: Path) -> None:
+    """Weights with NaN or inf make every number computed from them meaningless: refuse them, naming the tensors
+    (parameters only; buffers such as attention masks may legitimately hold -inf)."""
+    import torch
+
+    bad = []
+    for k, v in sd.items():
+        if k in params and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            bad.append(f"{origin.get(k, k)} ({n} of {v.numel()})")
+    if bad:
+        raise MimlabError(f"checkpoint '{path}' has NaN or inf values in {len(bad)} weight tensors: {_preview(bad)}; "
+                          f"every number computed from it would be meaningless")
+
+
 def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: str = "auto",
                     drop_keys: Iterable[str] = (), allow_missing: Iterable[str] = ()) -> LoadReport:
     """Load a local checkpoint file into `model` strictly, converting its format to timm names.
@@ -550,6 +565,7 @@ def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: s
     if allowed:
         notes.append(f"{len(allowed)} model tensors keep their initialisation (allow_missing)")
 
+    _check_finite(sd, {name for name, _ in model.named_parameters()}, conv.origin, p)
     cast = sorted({f"{sd[k].dtype}->{model_sd[k].dtype}".replace("torch.", "") for k in sd
                    if sd[k].dtype != model_sd[k].dtype})
     if cast:

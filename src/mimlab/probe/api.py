@@ -24,6 +24,23 @@ from mimlab.probe.families import per_image_window_mean
 from mimlab.probe.cka import MinibatchCKA, gram_linear
 
 CKA_FEATURES = ("flatten", "mean", "cls")
+# centred features smaller than this fraction of the raw features are rounding noise: the set has no variance
+ZERO_VARIANCE_RTOL = 1e-12
+
+
+def feature_gram(feats: torch.Tensor) -> torch.Tensor:
+    """The linear Gram matrix (float64) of one batch's CKA features (n, ...), after subtracting the batch mean.
+
+    The unbiased HSIC is exactly invariant to adding one vector to every sample, so centring changes nothing
+    mathematically; it keeps float64 precision when features have a large common offset (residual streams do),
+    where `X X^T` would bury the between-image differences under the offset's square. Features identical for
+    every image of the batch give an all-zero Gram: their HSIC is exactly 0, so CKA with them is 0/0 = NaN
+    (undefined) rather than a ratio of rounding errors."""
+    x = feats.reshape(feats.shape[0], -1).to(torch.float64)
+    xc = x - x.mean(0, keepdim=True)
+    if not bool(xc.abs().amax() > ZERO_VARIANCE_RTOL * x.abs().amax()):
+        return torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    return gram_linear(xc)
 
 
 @dataclass
@@ -150,7 +167,7 @@ class _ModelProbe:
         q_chunk = nq_total if b_chunk > 1 or per_image <= self.cfg.chunk_elements else \
             max(1, self.cfg.chunk_elements // (H * N))
         dist = self.dists[li]
-        fused = self._fused_sums(call, mask, P, dist) if sdpa else None
+        fused = self._fused_sums(name, call, mask, P, dist) if sdpa else None
         if fused is not None:
             values = [self._values(name, fused, nq_total, layer)]
         else:
@@ -202,7 +219,7 @@ class _ModelProbe:
             vals["head_js"] = torch.full_like(vals["head_js"], float("nan"))
         return torch.stack([vals[m_] for m_ in METRICS], dim=-1)
 
-    def _fused_sums(self, call, mask, P: int, dist) -> ChunkSums | None:
+    def _fused_sums(self, name: str, call, mask, P: int, dist) -> ChunkSums | None:
         """The fused Triton kernel (CUDA, float32 statistics) when configured and applicable, else None."""
         want = self.cfg.kernel
         if want == "torch" or self.dtype != torch.float32 or call.is_causal or not call.q.is_cuda:
@@ -232,7 +249,7 @@ class _ModelProbe:
             self.cfg.kernel = "torch"
             return None
         if not bool(out[8]):
-            raise MimlabError(f"{self.pm.label}: non-finite attention logits (NaN or inf)")
+            raise MimlabError(f"{self.pm.label}/{name}: non-finite attention logits (NaN or inf)")
         return ChunkSums(*out[:8])
 
     # -- CKA features -----------------------------------------------------------------------------------------
@@ -250,7 +267,7 @@ class _ModelProbe:
                 feats = x[:, P:].mean(1)
             else:
                 feats = x[:, 0]
-            self.batch_grams[index] = gram_linear(feats)
+            self.batch_grams[index] = feature_gram(feats)
         return hook
 
     # -- per batch ----------------------------------------------------------------------------------------------
@@ -389,15 +406,31 @@ def _as_probe_models(models) -> list[ProbeModel]:
 
 
 def _batches(images, batch_size: int, num_models: int) -> Iterable[tuple[torch.Tensor, ...]]:
-    """Tensor (N,3,H,W) -> consecutive chunks (shared by all models); an iterable yields its own batches."""
+    """Tensor (N,3,H,W) -> consecutive chunks (shared by all models); an iterable yields its own batches.
+
+    A MimlabError raised while a DataLoader worker reads the data (an unreadable image) arrives with the worker's
+    traceback in its message; it is re-raised with the original one-line message."""
     if isinstance(images, torch.Tensor):
         for i in range(0, images.shape[0], batch_size):
             yield (images[i:i + batch_size],) * num_models
-    else:
-        for batch in images:
-            if isinstance(batch, torch.Tensor):
-                batch = (batch,) * num_models
-            yield tuple(batch)
+        return
+    from mimlab.data.images import clean_worker_message
+
+    it = iter(images)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except MimlabError as e:
+            # stop the loader's worker processes now: left to the garbage collector, their shutdown stalls ~5 s
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            raise MimlabError(clean_worker_message(e)) from None
+        if isinstance(batch, torch.Tensor):
+            batch = (batch,) * num_models
+        yield tuple(batch)
 
 
 @torch.inference_mode()
@@ -445,7 +478,12 @@ def probe(models: Mapping[str, nn.Module] | Sequence[ProbeModel], images, *, bat
             b = batch[0].shape[0]
             weights = weight_gen.draw_weights(b) if weight_gen is not None else None
             for p, x in zip(probes, batch):
-                p.run_batch(x.to(dev, non_blocking=True), weights, autocast)
+                x = x.to(dev, non_blocking=True)
+                # one reduction per batch, on the device: NaN input must not be blamed on the model's first layer
+                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                    raise MimlabError(f"input images {seen}..{seen + b - 1} (for model {p.pm.label}) hold NaN or inf "
+                                      "values; the probe needs finite, normalised pixels")
+                p.run_batch(x, weights, autocast)
             if cka_acc is not None:
                 cka_acc.update(torch.cat([torch.stack(p.batch_grams) for p in probes], 0))
             seen += b

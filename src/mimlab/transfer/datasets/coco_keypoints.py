@@ -53,13 +53,20 @@ def _num(v, what: str, where: str) -> float:
     return float(v)
 
 
+def _id(v, what: str, where: str):
+    """COCO ids are integers (strings are tolerated); anything else (lists, floats, null) is refused."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise MimlabError(f"{where}: {what} must be an integer (got {v!r})")
+    return v
+
+
 def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_images: bool = True) -> KeypointSet:
     """Load and validate a COCO keypoint JSON; images are `image_root/<file_name>`."""
     ann_file, image_root = Path(ann_file), Path(image_root)
     if not ann_file.is_file():
         raise MimlabError(f"keypoint annotation file not found: {ann_file}")
     try:
-        coco = json.loads(ann_file.read_text())
+        coco = json.loads(ann_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise MimlabError(f"{ann_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except UnicodeDecodeError as e:
@@ -72,12 +79,19 @@ def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_imag
     cats = [c for c in coco["categories"] if isinstance(c, dict) and c.get("keypoints")]
     if not cats:
         raise MimlabError(f"{ann_file}: no category has a non-empty 'keypoints' list of names")
+    for c in cats:
+        kn = c["keypoints"]
+        if not isinstance(kn, list) or not all(isinstance(n, str) and n for n in kn):
+            raise MimlabError(f"{ann_file}: category '{c.get('name')}': 'keypoints' must be a list of keypoint "
+                              f"names (strings), got {kn!r:.80}")
+        if len(set(kn)) != len(kn):
+            raise MimlabError(f"{ann_file}: category '{c.get('name')}': duplicate keypoint names in {kn}")
     if len({len(c["keypoints"]) for c in cats}) > 1:
         raise MimlabError(f"{ann_file}: keypoint categories have different keypoint counts; use one category")
     cat = cats[0]
     if "id" not in cat:
         raise MimlabError(f"{ann_file}: category '{cat.get('name')}' has no 'id'")
-    cat_ids = {c["id"] for c in cats}
+    cat_ids = {_id(c.get("id"), "category id", f"{ann_file}: category '{c.get('name')}'") for c in cats}
     names = [str(n) for n in cat["keypoints"]]
     k = len(names)
     skeleton = cat.get("skeleton") or []
@@ -87,6 +101,9 @@ def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_imag
         where = f"{ann_file}: images[{i}]"
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise MimlabError(f"{where}: needs 'id' and 'file_name'")
+        _id(im["id"], "'id'", where)
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise MimlabError(f"{where}: 'file_name' must be a non-empty string (got {im['file_name']!r})")
         if im["id"] in images:
             raise MimlabError(f"{where}: duplicate image id {im['id']}")
         images[im["id"]] = {"file_name": im["file_name"], "path": image_root / im["file_name"],
@@ -94,15 +111,23 @@ def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_imag
 
     instances: list[Instance] = []
     used: set[int] = set()
+    ann_ids: set = set()
     for i, ann in enumerate(coco["annotations"]):
         if not isinstance(ann, dict):
             raise MimlabError(f"{ann_file}: annotations[{i}] is not an object")
-        if ann.get("category_id") not in cat_ids:
+        if "category_id" not in ann:
+            raise MimlabError(f"{ann_file}: annotation id {ann.get('id', f'#{i}')}: missing 'category_id'")
+        if isinstance(ann["category_id"], (list, dict)) or ann["category_id"] not in cat_ids:
             continue
         where = f"{ann_file}: annotation id {ann.get('id', f'#{i}')}"
         for key in ("id", "image_id", "bbox", "keypoints", "area"):
             if key not in ann:
                 raise MimlabError(f"{where}: missing '{key}'")
+        _id(ann["id"], "'id'", where)
+        _id(ann["image_id"], "'image_id'", where)
+        if ann["id"] in ann_ids:   # pycocotools indexes annotations by id: a duplicate would be scored twice
+            raise MimlabError(f"{where}: duplicate annotation id {ann['id']!r}")
+        ann_ids.add(ann["id"])
         if ann["image_id"] not in images:
             raise MimlabError(f"{where}: image_id {ann['image_id']} is not in 'images'")
         bbox = ann["bbox"]
@@ -121,8 +146,12 @@ def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_imag
         area = _num(ann["area"], "area", where)
         ann.setdefault("num_keypoints", int((kps[:, 2] > 0).sum()))
         ann.setdefault("iscrowd", 0)
+        if ann["iscrowd"] not in (0, 1, True, False):
+            raise MimlabError(f"{where}: 'iscrowd' must be 0 or 1 (got {ann['iscrowd']!r})")
         if ann["iscrowd"] or (kps[:, 2] > 0).sum() == 0:
             continue
+        if area <= 0:   # OKS divides by the area; COCOeval silently ignores a negative one
+            raise MimlabError(f"{where}: 'area' must be > 0 for an annotation with labelled keypoints (got {area:g})")
         instances.append(Instance(ann_id=ann["id"], image_id=ann["image_id"], bbox=bbox, keypoints=kps, area=area))
         used.add(ann["image_id"])
     if check_images:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mimlab.errors import MimlabError
+from mimlab.transfer.datasets.common import read_text
 
 FORMATS = {"nyu": {"scale": 1000.0, "max_depth": 10.0, "min_depth": 1e-3},
            "kitti": {"scale": 256.0, "max_depth": 80.0, "min_depth": 1e-3}}
@@ -38,7 +39,7 @@ def read_split_file(path: str | Path, root: str | Path, check_files: bool = True
     if not path.is_file():
         raise MimlabError(f"depth split file not found: {path}")
     samples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "depth split file").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

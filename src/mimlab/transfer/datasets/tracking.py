@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mimlab.errors import MimlabError
-from mimlab.transfer.datasets.common import IMAGE_SUFFIXES
+from mimlab.transfer.datasets.common import IMAGE_SUFFIXES, read_text
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Sequence:
     name: str
     frames: list[Path]
     boxes: np.ndarray  # (N, 4) x, y, w, h
+    groundtruth: Path | None = None  # the groundtruth.txt the boxes came from
 
     @property
     def valid(self) -> np.ndarray:
@@ -38,7 +39,7 @@ def parse_groundtruth(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise MimlabError(f"groundtruth file not found: {path}")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "groundtruth file").splitlines(), 1):
         if not line.strip():
             continue
         parts = [p for p in re.split(r"[,\t ]+", line.strip()) if p]
@@ -75,13 +76,13 @@ def load_sequence(seq_dir: str | Path, name: str | None = None) -> Sequence:
         if len(files) < n:
             raise MimlabError(f"{seq_dir}: {len(files)} frames but groundtruth.txt has {n} lines (missing frames)")
         frames = files[:n]
-    return Sequence(name=name or seq_dir.name, frames=frames, boxes=boxes)
+    return Sequence(name=name or seq_dir.name, frames=frames, boxes=boxes, groundtruth=seq_dir / "groundtruth.txt")
 
 
 def _sequence_dirs(root: Path) -> list[Path]:
     list_file = root / "list.txt"
     if list_file.is_file():
-        names = [s.strip() for s in list_file.read_text().splitlines() if s.strip()]
+        names = [s.strip() for s in read_text(list_file, "sequence list").splitlines() if s.strip()]
         dirs = [root / s for s in names]
         missing = [d for d in dirs if not d.is_dir()]
         if missing:
@@ -100,6 +101,27 @@ def load_sequences(root: str | Path, names: set[str] | None = None) -> list[Sequ
     return [load_sequence(d) for d in dirs]
 
 
+def check_eval_sequences(seqs: list[Sequence]) -> list[Sequence]:
+    """One-pass evaluation starts from the first frame's box: it must be a valid box (before any training)."""
+    for s in seqs:
+        if not s.valid[0]:
+            where = f"{s.groundtruth}:1" if s.groundtruth is not None else f"sequence {s.name}"
+            raise MimlabError(f"{where}: the first frame's box {s.boxes[0].tolist()} of evaluation sequence {s.name} "
+                              "is not a valid box (NaN or non-positive size); one-pass evaluation starts from it")
+    return seqs
+
+
+def _named(all_dirs: list[Path], names: set[str], list_file: Path) -> list[Sequence]:
+    """The sequences of `all_dirs` named in `list_file`; a name with no sequence folder is an error."""
+    found = {d.name for d in all_dirs}
+    missing = sorted(names - found)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MimlabError(f"{list_file}: names {len(missing)} sequence(s) with no folder holding a groundtruth.txt: "
+                          f"{', '.join(missing[:3])}{more}")
+    return [load_sequence(d) for d in all_dirs if d.name in names]
+
+
 def find_tracking_splits(data: str | Path) -> tuple[list[Sequence], list[Sequence]]:
     """Training and evaluation sequences from a GOT-10k or LaSOT tree (see the module docstring)."""
     data = Path(data)
@@ -109,16 +131,19 @@ def find_tracking_splits(data: str | Path) -> tuple[list[Sequence], list[Sequenc
         val = next((data / n for n in ("val", "test") if (data / n).is_dir()), None)
         if val is None:
             raise MimlabError(f"--data {data}: has train/ but no val/ or test/ folder")
-        return load_sequences(data / "train"), load_sequences(val)
+        return load_sequences(data / "train"), check_eval_sequences(load_sequences(val))
     if (data / "testing_set.txt").is_file():
-        test_names = {s.strip() for s in (data / "testing_set.txt").read_text().splitlines() if s.strip()}
+        test_names = {s.strip() for s in read_text(data / "testing_set.txt", "sequence list").splitlines()
+                      if s.strip()}
         all_dirs = sorted(p.parent for p in data.rglob("groundtruth.txt"))
         if (data / "training_set.txt").is_file():
-            train_names = {s.strip() for s in (data / "training_set.txt").read_text().splitlines() if s.strip()}
+            train_names = {s.strip() for s in read_text(data / "training_set.txt", "sequence list").splitlines()
+                           if s.strip()}
+            train = _named(all_dirs, train_names, data / "training_set.txt")
         else:
             train_names = {d.name for d in all_dirs} - test_names
-        train = [load_sequence(d) for d in all_dirs if d.name in train_names]
-        test = [load_sequence(d) for d in all_dirs if d.name in test_names]
+            train = [load_sequence(d) for d in all_dirs if d.name in train_names]
+        test = check_eval_sequences(_named(all_dirs, test_names, data / "testing_set.txt"))
         if not train or not test:
             raise MimlabError(f"--data {data}: testing_set.txt leaves {len(train)} training and {len(test)} "
                               "test sequences; need at least one of each")
