@@ -896,10 +896,7 @@ CASES: list[Case] = [
          transfer_cli("classify", backbone=f"{ARCH}@{{d}}/evil.pth"), Error("evil.pth", "not a weights-only")),
     Case("ckpt/transfer-malicious-raw-pickle", with_data(checkpoint("evil_tar"), "fg"),
          transfer_cli("track", backbone=f"{ARCH}@{{d}}/evil.pth.tar"), Error("evil.pth.tar", "not a weights-only")),
-    Case("ckpt/probe-hf-dir-malicious-bin", hf_evil, hf_probe, Error("hf", "pytorch_model.bin"),
-         marks=[pytest.mark.xfail(strict=True, reason="models/hf.py does not catch pickle.UnpicklingError: the "
-                                  "file is refused unexecuted but the CLI prints a traceback (see "
-                                  "docs/reliability.md)")]),
+    Case("ckpt/probe-hf-dir-malicious-bin", hf_evil, hf_probe, Error("hf", "pytorch_model.bin")),
     # --- NaN / inf activations during a probe ------------------------------------------------------------------
     Case("nan/probe-attention-weights-nan", nan_block_model, probe_nan_weights("attn"),
          Error(None, "m/blocks.1:", "non-finite attention logits")),

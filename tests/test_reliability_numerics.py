@@ -141,24 +141,17 @@ def check_bounds(lay: TokenLayout, v: dict[str, torch.Tensor], dtype, nmi: bool 
 @settings(max_examples=EXAMPLES["bounds"], **SETTINGS)
 @given(attention_case(), st.booleans(), st.sampled_from(["geometric", "arithmetic"]))
 def test_attention_metrics_stay_within_their_bounds(case, renormalize, nmi_norm):
-    """All metrics in their ranges; NMI under attention collapse is the known exception (next test)."""
+    """All metrics in their ranges (NMI under attention collapse too: the next tests check its accuracy there)."""
     lay, logits, dtype, collapsed = case
     v = streaming_values(lay, logits, renormalize=renormalize, nmi_norm=nmi_norm)
-    check_bounds(lay, v, dtype, nmi=not collapsed)
+    check_bounds(lay, v, dtype, nmi=True)
 
 
-NMI_COLLAPSE = ("attention_stats.finalize_image_stats computes I = mean_i sum_j p log(K p) - KL(p(k) || uniform), a "
-                "difference of two ~log K terms; when every query attends one key (H(K) -> 0) its rounding error "
-                "divided by sqrt(log nq * H(K)) puts NMI outside [0, 1]. Fix there: clamp I to [0, min(H(Q), H(K))] "
-                "(mutual information is bounded by both entropies). docs/reliability.md")
-
-
-@pytest.mark.xfail(strict=True, reason=NMI_COLLAPSE)
 @settings(max_examples=EXAMPLES["collapse"], **SETTINGS)
 @given(attention_case(only="collapse"))
 def test_nmi_bounds_under_attention_collapse_property(case):
     """What the bounds test leaves out for collapsed heads: NMI in [0, 1] and within 1e-3 of the float64 textbook
-    value (true NMI of a collapsed head is ~0; float32 statistics report up to order 1)."""
+    value (true NMI of a collapsed head is ~0; float32 statistics reported up to order 1 before the clamp)."""
     lay, logits, dtype, _ = case
     v = streaming_values(lay, logits)
     check_bounds(lay, v, dtype, nmi=True)
@@ -167,13 +160,10 @@ def test_nmi_bounds_under_attention_collapse_property(case):
     np.testing.assert_allclose(v["nmi"].mean(0).numpy(), want, rtol=0, atol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="attention_stats.finalize_image_stats computes I = mean_i sum_j p log(K p) - "
-                   "KL(p(k) || uniform), a difference of two ~log K terms; when every query attends one key (H(K) -> 0) "
-                   "its rounding error divided by sqrt(log nq * H(K)) gives NMI far outside [0, 1]. Fix there: clamp "
-                   "I to [0, min(H(Q), H(K))] (mutual information is bounded by both entropies). docs/reliability.md")
 def test_nmi_stays_in_unit_interval_under_attention_collapse():
     """Found by the property tests: float32 statistics, 3 patch keys, every query with a 40-nat gap on key 0.
-    The true NMI is ~1e-10; the probe reports up to 1.27."""
+    The true NMI is ~1e-10; before mutual information was clamped to [0, min(H(Q), H(K))] the probe reported up
+    to 1.27."""
     lay = TokenLayout(0, (1, 3), (16, 16))
     worst = 0.0
     for gap in (30.0, 35.0, 40.0):
@@ -255,9 +245,6 @@ def test_query_chunking_does_not_change_the_metrics(case, data):
                                    atol=1e-6 if dtype == torch.float32 else 1e-12, msg=m)
 
 
-@pytest.mark.xfail(strict=True, reason="attention_stats.chunk_sums_tensors clamps logits at an absolute -1e4 "
-                   "(_MASKED, standing in for -inf): a row whose logits all lie below -1e4 becomes uniform. Fix there: "
-                   "clamp (s - row max) instead of s. Real attention logits are far from -1e4; docs/reliability.md")
 def test_rows_entirely_below_minus_1e4_are_shift_invariant():
     lay = TokenLayout(0, (1, 2), (1, 1))
     s = torch.tensor([[[[0.0, -20.0], [-20.0, 0.0]]]], dtype=torch.float64)

@@ -154,3 +154,18 @@ def test_invalid_frames_skipped_and_sequences_averaged():
     assert perfect["suc"] == pytest.approx(20 / 21)  # IoU 1 fails only "IoU > 1"
     both = tracking_metrics([(PRED, GT), (GT, GT)])
     assert both["precision"] == pytest.approx((3 / 4 + 1) / 2)
+
+
+def test_depth_meter_counts_images_without_valid_pixels():
+    """An evaluation image with no valid ground-truth pixel is not scored, and the count says so."""
+    import numpy as np
+
+    from mimlab.transfer.metrics.depth import DepthMeter
+
+    meter = DepthMeter()
+    gt = np.full((4, 4), 2.0)
+    meter.update(np.full((4, 4), 2.0), gt, np.ones((4, 4), bool), min_depth=0.1, max_depth=10.0)
+    meter.update(np.full((4, 4), 5.0), gt, np.zeros((4, 4), bool), min_depth=0.1, max_depth=10.0)
+    r = meter.result()
+    assert r["num_images_scored"] == 1 and r["num_images_without_valid_depth"] == 1
+    assert r["rmse"] == 0.0                      # the skipped image's wrong prediction did not enter the mean

@@ -456,6 +456,11 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
     finally:
         bar.close()
         logger.close()
+        # stop the loader's worker processes now (on an error too): left to the garbage collector, their shutdown
+        # stalls ~5 s
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         del batches
 
     result.skipped_samples = sum(all_gather_objects(result.skipped_samples, info))

@@ -14,6 +14,7 @@ CaptureError if the token order is not the identity or any token is masked).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ def load_hf_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model, loading = cls.from_pretrained(str(path), attn_implementation="eager", local_files_only=True,
                                              output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError as e:   # transformers loads .bin files with weights_only=True: refused, not run
+        bins = ", ".join(sorted(p.name for p in Path(path).glob("*.bin"))) or "a pickle file"
+        raise MimlabError(f"hf:{path}: refusing {bins}: not a weights-only checkpoint, loading it would run code "
+                          f"({str(e).strip().splitlines()[0][:200]}); convert it to safetensors where you trust "
+                          "it") from None
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise MimlabError(f"hf:{path}: cannot load {cls.__name__}: {str(e).strip().splitlines()[0]}") from None
     missing = sorted(k for k in loading.get("missing_keys", []) if not k.startswith("pooler."))

@@ -89,7 +89,10 @@ def chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix
     P = num_prefix
     K = N - P
     log_k = math.log(K)
-    s = logits.clamp_min(_MASKED)
+    # -inf (masked) logits -> row max - 1e4: exp underflows to exactly 0 and differences stay finite; relative to
+    # the row max, so a row whose logits all lie below -1e4 keeps its shape (a row with no finite logit -> uniform)
+    row_max = logits.amax(-1, keepdim=True)
+    s = torch.maximum(logits, torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)) + _MASKED)
     sp = s[..., P:] if P else s
     mx, rel_lse = _row_lse(sp)                                          # (b, H, nq, 1): lse_patch = mx + rel_lse
     if P:
@@ -167,9 +170,11 @@ def finalize_image_stats(s: ChunkSums, num_queries: int, uniform_distance: float
     K = s.colsum.shape[-1]
     pk = s.colsum / s.colsum.sum(-1, keepdim=True).clamp_min(1e-300)
     kl_uniform = torch.xlogy(pk, pk * K).sum(-1)
-    h_k = math.log(K) - kl_uniform
-    mi = s.negent / nq - kl_uniform
+    h_k = torch.special.entr(pk).sum(-1)                  # H(K) summed directly: no cancellation when it is tiny
     h_q = torch.tensor(math.log(nq), dtype=torch.float64)
+    # I is a difference of two ~log K terms; when attention collapses onto one key its rounding error can exceed
+    # the true value: clamp to the bounds 0 <= I <= min(H(Q), H(K)) that mutual information always obeys
+    mi = torch.minimum((s.negent / nq - kl_uniform).clamp_min(0), torch.minimum(h_k, h_q))
     if nmi_norm == "geometric":
         norm = torch.sqrt(h_q * h_k)
     elif nmi_norm == "arithmetic":

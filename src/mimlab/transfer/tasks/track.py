@@ -191,6 +191,8 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
         return tracking_metrics([(np.repeat(s.boxes[:1], len(s.boxes), 0), s.boxes) for s in val_seqs])
 
     info = {"format": "got10k/lasot", "num_train_sequences": len(train_ds.seqs),
+            # sequences with fewer than two frames with a valid box cannot give a (template, search) pair
+            "num_train_sequences_dropped": len(train_seqs) - len(train_ds.seqs),
             "num_val_sequences": len(val_seqs), "num_val_frames": int(sum(len(s.frames) for s in val_seqs)),
             "template_size": t_size, "search_size": s_size, "pairs_per_epoch": len(train_ds)}
     return TaskRun(model=model, train_set=train_ds, loss_fn=loss_fn, evaluate=evaluate, baseline=baseline,
