@@ -64,10 +64,13 @@ def time_interleaved(steppers: dict[str, Callable[[], None]], device, *, batch: 
                      repeats: int) -> dict[str, dict]:
     """Median img/s of each stepper; the timed blocks are interleaved (A B C A B C ...) so that a change in the
     machine's load during the run affects every configuration alike."""
-    for step in steppers.values():
+    for name, step in steppers.items():
+        t = time.perf_counter()
         for _ in range(warmup):
             step()
-    sync(device)
+        sync(device)
+        print(f"warm-up of {name} (compilation included): {time.perf_counter() - t:.1f} s", file=sys.stderr,
+              flush=True)
     rates: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(repeats):
         for name, step in steppers.items():
