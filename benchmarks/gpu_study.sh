@@ -18,7 +18,10 @@ echo "--- reproduce: exit $rc, $((SECONDS - t0)) s"
 (cd /tmp/study 2>/dev/null && find . -type f ! -name '*.pt' ! -name '*.safetensors' ! -name '*.npy' -size -4M \
   -exec cp --parents {} "$OUT/" \;)
 python3 - <<'PY'
-import json
+import json, pathlib
+times = sorted((json.loads(p.read_text()).get("seconds", 0.0), str(p.parent.relative_to("/tmp/study/stages")))
+               for p in pathlib.Path("/tmp/study/stages").glob("**/stage.json"))
+print("stage seconds:", ", ".join(f"{n} {t:.0f}" for t, n in sorted(times, key=lambda x: x[1])))
 try:
     s = json.load(open("/tmp/study/summary.json"))
 except Exception as e:
