@@ -43,6 +43,10 @@ def test_each_task_writes_metrics(task, data, tmp_path):
     assert all(isinstance(v, float) for v in report["metrics"].values())
     assert report["train"]["steps"] == 2 and (out / "checkpoints" / "last.pt").is_file()
     assert "provenance" in report and (out / "metrics.csv").is_file()
+    if task == "depth":   # every built-in evaluation image has valid pixels: none left unscored
+        assert report["data"]["num_val_without_valid_depth"] == 0
+    if task == "track":
+        assert report["data"]["num_train_sequences_dropped"] == 0
 
 
 def test_baselines_have_their_known_values(data, tmp_path):

@@ -167,5 +167,5 @@ def test_depth_meter_counts_images_without_valid_pixels():
     meter.update(np.full((4, 4), 2.0), gt, np.ones((4, 4), bool), min_depth=0.1, max_depth=10.0)
     meter.update(np.full((4, 4), 5.0), gt, np.zeros((4, 4), bool), min_depth=0.1, max_depth=10.0)
     r = meter.result()
-    assert r["num_images_scored"] == 1 and r["num_images_without_valid_depth"] == 1
+    assert len(meter.rows) == 1 and meter.skipped == 1
     assert r["rmse"] == 0.0                      # the skipped image's wrong prediction did not enter the mean

@@ -49,7 +49,7 @@ class DepthMeter:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
-        self.skipped = 0          # images without a single valid ground-truth pixel (not scored; reported)
+        self.skipped = 0          # images without a single valid ground-truth pixel (not scored)
 
     def update(self, pred: np.ndarray, gt: np.ndarray, mask: np.ndarray, **kw) -> None:
         if np.asarray(mask).any():
@@ -60,7 +60,4 @@ class DepthMeter:
     def result(self) -> dict[str, float]:
         if not self.rows:
             raise MimlabError("depth evaluation: no image had valid ground-truth pixels")
-        out: dict[str, float] = {k: float(np.mean([r[k] for r in self.rows])) for k in METRIC_NAMES}
-        out["num_images_scored"] = len(self.rows)
-        out["num_images_without_valid_depth"] = self.skipped   # not scored, counted here
-        return out
+        return {k: float(np.mean([r[k] for r in self.rows])) for k in METRIC_NAMES}

@@ -114,8 +114,11 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
                          min_depth=min_depth, max_depth=max_depth)
         return {**meter.result(), "mean_depth_m": mean_depth}
 
+    # evaluation images without a single valid ground-truth pixel (after the crop) are not scored: count them
+    unscored = sum(not valid_mask(gt, min_depth, max_depth, crop_mask(gt.shape, crop)).any()
+                   for gt in (load_depth_png(s.depth, scale) for s in val_s))
     info = {"format": fmt, "depth_scale": scale, "min_depth": min_depth, "max_depth": max_depth, "eval_crop": crop,
             "train_split": str(train_file), "val_split": str(val_file), "num_train": len(train_s),
-            "num_val": len(val_s), "input_size": [ih, iw]}
+            "num_val": len(val_s), "num_val_without_valid_depth": int(unscored), "input_size": [ih, iw]}
     return TaskRun(model=model, train_set=train_ds, loss_fn=loss_fn, evaluate=evaluate, baseline=baseline,
                    data_info=info)
