@@ -2,7 +2,9 @@
 
 Each method runs in its own subprocess (so peak memory is its own), on the same model, weights and images:
 - forward:  `model.forward_features` with fused attention, nothing else (the speed of light);
-- probe:    `mimlab.probe.api.probe` (attention statistics + CKA Grams + bootstrap), streaming;
+- probe:    `mimlab.probe.api.probe` (attention statistics + CKA Grams + bootstrap), streaming, with its default
+            statistics kernel (`--stats-kernel`; on the CPU the fused C kernel);
+- probe_torch: the same with the statistics on the eager torch path (`kernel="torch"`), for comparison;
 - extract:  timm's `AttentionExtract` stores every attention map of a batch, then the metrics are computed
             from the stored maps (attention statistics only, no CKA) — the approach of public notebooks.
 Prints images/s (median of repeats), the ratio to the plain forward, peak memory, and the probe's largest
@@ -62,7 +64,8 @@ def run_method(args) -> dict:
     model, x = build(args)
     batches = max(1, args.images // args.batch_size)
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16" else None
-    cfg = ProbeConfig(bootstrap=args.bootstrap, cka=not args.no_cka)
+    kernel = "torch" if args.method == "probe_torch" else args.stats_kernel
+    cfg = ProbeConfig(bootstrap=args.bootstrap, cka=not args.no_cka, kernel=kernel)
 
     def forward():
         for _ in range(batches):
@@ -93,7 +96,7 @@ def run_method(args) -> dict:
         for blk in model.blocks:
             blk.attn.fused_attn = True
 
-    fn = {"forward": forward, "probe": probe_all, "extract": extract}[args.method]
+    fn = {"forward": forward, "probe": probe_all, "probe_torch": probe_all, "extract": extract}[args.method]
     fn()                                                    # warm-up (allocator, kernels, fx trace)
     sync(args.device)
     times = []
@@ -105,12 +108,12 @@ def run_method(args) -> dict:
         times.append(time.perf_counter() - t)
     out = {"method": args.method, "img_per_s": batches * args.batch_size / statistics.median(times),
            "times": times, "peak_mb": peak_memory_mb(args.device)}
-    if args.method == "probe":
-        out["max_rel_err"] = accuracy(model, x[: min(8, x.shape[0])], args)
+    if args.method in ("probe", "probe_torch"):
+        out["max_rel_err"] = accuracy(model, x[: min(8, x.shape[0])], args, kernel)
     return out
 
 
-def accuracy(model, x, args) -> float:
+def accuracy(model, x, args, kernel: str = "auto") -> float:
     """Largest relative deviation of the probe (as configured) from the float64 reference, over all metrics."""
     import numpy as np
     import torch
@@ -125,7 +128,7 @@ def accuracy(model, x, args) -> float:
     maps = attention_maps_float64(cpu_model, x.float().cpu())
     model.to(args.device)
     res = probe({"m": model}, x, batch_size=x.shape[0], device=args.device, precision=args.precision,
-                config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
+                config=ProbeConfig(bootstrap=0, cka=False, kernel=kernel)).to_dict()
     worst = 0.0
     for li, a in enumerate(maps):
         ref = reference_metrics(a, lay.num_prefix_tokens, lay.grid, lay.patch_size)
@@ -147,7 +150,9 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--no-cka", action="store_true")
-    p.add_argument("--methods", default="forward,probe,extract")
+    p.add_argument("--stats-kernel", default="auto", choices=["auto", "torch", "triton", "cpu"],
+                   help="statistics kernel of the `probe` method (probe_torch always uses the torch path)")
+    p.add_argument("--methods", default="forward,probe,probe_torch,extract")
     p.add_argument("--method", help=argparse.SUPPRESS)          # internal: run one method in this process
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -165,11 +170,11 @@ def main() -> None:
     base = next((r["img_per_s"] for r in results if r["method"] == "forward"), None)
     print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.images} img/repeat, "
           f"{args.repeats} repeats, device {args.device}, {args.precision}")
-    print(f"{'method':10s} {'img/s':>9s} {'time vs fwd':>12s} {'peak MB':>9s} {'max rel err':>12s}")
+    print(f"{'method':12s} {'img/s':>9s} {'time vs fwd':>12s} {'peak MB':>9s} {'max rel err':>12s}")
     for r in results:
         ratio = base / r["img_per_s"] if base else float("nan")
         err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
-        print(f"{r['method']:10s} {r['img_per_s']:9.1f} {ratio:11.2f}x {r['peak_mb']:9.0f} {err:>12s}")
+        print(f"{r['method']:12s} {r['img_per_s']:9.1f} {ratio:11.2f}x {r['peak_mb']:9.0f} {err:>12s}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

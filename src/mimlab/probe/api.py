@@ -58,7 +58,8 @@ class ProbeConfig:
     chunk_elements: int = 1 << 22     # max logits elements per chunk (memory bound of the attention statistics)
     js: bool = True                   # Jensen-Shannon head diversity (the costliest statistic: all pairs of heads)
     compile: bool = False             # torch.compile the statistics kernel (fused loops; pays a one-off compile)
-    kernel: str = "auto"              # "auto": fused Triton kernel on CUDA when applicable, else torch; or force one
+    kernel: str = "auto"              # "auto": fused Triton kernel on CUDA, fused C kernel on the CPU (float32
+    #                                   statistics) when available, else torch; or force "torch", "triton", "cpu"
     seed: int = 0
 
     def validate(self) -> None:
@@ -66,8 +67,8 @@ class ProbeConfig:
             raise MimlabError(f"--cka-features must be one of {', '.join(CKA_FEATURES)}, not '{self.cka_features}'")
         if self.stats_dtype not in ("float32", "float64"):
             raise MimlabError(f"stats dtype must be float32 or float64, not '{self.stats_dtype}'")
-        if self.kernel not in ("auto", "torch", "triton"):
-            raise MimlabError(f"--stats-kernel must be auto, torch or triton, not '{self.kernel}'")
+        if self.kernel not in ("auto", "torch", "triton", "cpu"):
+            raise MimlabError(f"--stats-kernel must be auto, torch, triton or cpu, not '{self.kernel}'")
         if self.nmi_norm not in ("geometric", "arithmetic"):
             raise MimlabError(f"--nmi-norm must be geometric or arithmetic, not '{self.nmi_norm}'")
         if self.bootstrap < 0:
@@ -121,6 +122,17 @@ class _ModelProbe:
         self.batch_grams: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.max_rowsum_err = 0.0
         self.kernel = _compiled_kernel() if cfg.compile else None
+        if (self.kernel is None and torch.device(device).type == "cpu" and self.dtype == torch.float32
+                and cfg.kernel in ("auto", "cpu")):
+            from mimlab.probe import cpu_stats
+
+            if cpu_stats.is_available():
+                self.kernel = cpu_stats.cpu_chunk_sums_tensors
+            elif cfg.kernel == "cpu":
+                raise MimlabError(f"--stats-kernel cpu: the fused CPU kernel is unavailable "
+                                  f"({cpu_stats.unavailable_reason()})")
+        elif cfg.kernel == "cpu":
+            raise MimlabError("--stats-kernel cpu needs the CPU, float32 statistics and no --compile")
         if cfg.cka_features == "cls" and self.adapter.num_prefix == 0:
             raise MimlabError(f"{pm.label}: --cka-features cls needs a prefix token; this model has none")
 

@@ -45,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip Jensen-Shannon head diversity (the costliest statistic; reported as NaN)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the statistics kernel: fused loops, faster on long runs, ~20-60 s to compile")
-    p.add_argument("--stats-kernel", default="auto", choices=["auto", "torch", "triton"],
-                   help="auto: the fused Triton kernel on CUDA where it applies, else the torch path")
+    p.add_argument("--stats-kernel", default="auto", choices=["auto", "torch", "triton", "cpu"],
+                   help="auto: the fused Triton kernel on CUDA, the fused C kernel on the CPU (compiled on first "
+                        "use with the system C compiler), else the torch path")
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 

@@ -1,0 +1,127 @@
+"""The fused C kernel for CPU attention statistics against the torch path evaluated in float64."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mimlab.probe import cpu_stats
+from mimlab.probe.attention_stats import chunk_sums_tensors
+
+pytestmark = pytest.mark.skipif(not cpu_stats.is_available(),
+                                reason=f"no C compiler here: {cpu_stats.unavailable_reason()}")
+
+NAMES = ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum")
+
+
+def grid_dist(g: int, patch: int = 16) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).double() * patch
+    return torch.cdist(pos, pos)
+
+
+def compare(logits: torch.Tensor, dist: torch.Tensor, P: int, *, renormalize: bool = True, js: bool = True,
+            rtol: float = 1e-5) -> None:
+    """Kernel on float32 logits vs the float64 torch path on the same (float32-rounded) logits."""
+    got = cpu_stats.cpu_chunk_sums_tensors(logits.float(), dist.float(), P, 1e-8, renormalize, js)
+    want = chunk_sums_tensors(logits.float().double(), dist.double(), P, 1e-8, renormalize, js)
+    assert bool(got[8]) and bool(want[8])
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == torch.float64 and g.shape == w.shape, name
+        scale = float(w.abs().max()) + 1e-300
+        err = float((g - w).abs().max()) / scale
+        assert err <= rtol, f"{name}: relative error {err:.2e}"
+    assert float(got[7]) < 1e-4                                  # row sums before the exact renormalisation
+
+
+@pytest.mark.parametrize("sharp", [0.02, 1.0, 6.0], ids=["near-uniform", "moderate", "sharp"])
+@pytest.mark.parametrize("P", [0, 1, 2])
+def test_matches_float64_torch_path(sharp, P):
+    g = 6
+    K = g * g
+    logits = torch.randn(3, 4, K, P + K, generator=torch.Generator().manual_seed(P)) * sharp
+    compare(logits, grid_dist(g), P)
+
+
+def test_near_uniform_keeps_relative_precision_of_tiny_values():
+    """Random-init attention: KL, JS and negentropy are ~1e-6 differences of ~log K quantities."""
+    logits = torch.randn(2, 6, 196, 197, generator=torch.Generator().manual_seed(0)) * 1e-3
+    compare(logits, grid_dist(14), 1, rtol=1e-5)
+
+
+def test_masked_keys_query_subset_and_options():
+    g, P = 5, 1
+    K = g * g
+    logits = torch.randn(2, 3, 7, P + K, generator=torch.Generator().manual_seed(1)) * 3
+    logits[:, :, :, 4] = float("-inf")                           # a masked key (bool mask semantics)
+    logits[0, 1, 2, :] = float("-inf")                           # a fully masked row: uniform, as the torch path
+    rows = grid_dist(g)[3:10]                                    # a chunk of 7 queries out of 25
+    compare(logits, rows, P)
+    compare(logits, rows, P, renormalize=False, js=False)
+
+
+def test_per_window_distances_and_one_head():
+    g = 4
+    K = g * g
+    dist = torch.stack([grid_dist(g), 2 * grid_dist(g), grid_dist(g).sqrt()])[:, None]   # (b, 1, nq, K)
+    compare(torch.randn(3, 1, K, K) * 2, dist, 0)
+    compare(torch.randn(3, 5, K, K) * 2, dist, 0)
+
+
+def test_hand_worked_uniform_and_one_hot():
+    g = 3
+    K = g * g
+    d = grid_dist(g)
+    out = cpu_stats.cpu_chunk_sums_tensors(torch.zeros(1, 2, K, K), d.float(), 0, 1e-8, True, True)
+    dist, ent, negent, prefix, cross, js = out[:6]
+    assert torch.allclose(dist, torch.full((1, 2), float(d.sum() / K), dtype=torch.float64), rtol=1e-6)
+    assert torch.allclose(ent, torch.full((1, 2), K * math.log(K), dtype=torch.float64), rtol=1e-7)
+    assert float(negent.abs().max()) < 1e-6 and float(js.abs().max()) < 1e-9
+    one_hot = torch.full((1, 1, K, K), -1e9)
+    one_hot[0, 0, torch.arange(K), torch.arange(K)] = 0.0      # every query attends itself
+    dist1 = cpu_stats.cpu_chunk_sums_tensors(one_hot, d.float(), 0, 1e-8, True, True)[0]
+    assert float(dist1.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_logits_are_flagged(bad):
+    logits = torch.randn(2, 2, 4, 4)
+    logits[1, 0, 2, 3] = bad
+    assert not bool(cpu_stats.cpu_chunk_sums_tensors(logits, grid_dist(2).float(), 0, 1e-8, True, True)[8])
+
+
+def test_result_does_not_depend_on_threads(one_thread):
+    logits = torch.randn(5, 3, 16, 17, generator=torch.Generator().manual_seed(3)) * 2
+    d = grid_dist(4).float()
+    a = cpu_stats.cpu_chunk_sums_tensors(logits, d, 1, 1e-8, True, True)
+    torch.set_num_threads(2)
+    b = cpu_stats.cpu_chunk_sums_tensors(logits, d, 1, 1e-8, True, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_probe_uses_it_on_the_cpu_and_matches_the_torch_path():
+    import timm
+
+    from mimlab.probe.api import ProbeConfig, probe
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0).eval()
+    x = torch.randn(4, 3, 32, 32)
+    fast = probe({"m": m}, x, batch_size=4, config=ProbeConfig(kernel="cpu", bootstrap=0, cka=False))
+    slow = probe({"m": m}, x, batch_size=4, config=ProbeConfig(kernel="torch", bootstrap=0, cka=False))
+    a, b = fast.to_dict()["models"]["m"]["layers"], slow.to_dict()["models"]["m"]["layers"]
+    for la, lb in zip(a, b):
+        for key in ("attention_distance_px", "head_kl", "head_js", "entropy", "prefix_mass", "nmi"):
+            assert la[key] == pytest.approx(lb[key], rel=1e-5, abs=1e-9), key
+
+
+def test_unavailable_compiler_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_stats, "_LIB", None)
+    monkeypatch.setattr(cpu_stats, "_ERROR", None)
+    monkeypatch.setenv("MIMLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))                    # no cc, gcc or clang
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert not cpu_stats.is_available()
+    assert "no C compiler" in cpu_stats.unavailable_reason()
