@@ -145,10 +145,12 @@ void image_stats(const float *logits, const float *dist, int H, int nq, int N, i
             float ng = (float)ng_d;
             dd = (float)((double)dd / rs_d);
             double pref = 0.0;
-            if (P > 0) {
-                float ma = -INFINITY;
-                for (int j = 0; j < N; j++) ma = sh[j] > ma ? sh[j] : ma;
-                double lse_all = (double)ma + rel_lse(sh, N, ma, tmp);
+            if (P > 0) {   /* lse over all keys from the patch lse and the few prefix logits, in double */
+                double lse_p = (double)m + rel, mx = lse_p, acc = 0.0;
+                for (int j = 0; j < P; j++) mx = (double)sh[j] > mx ? (double)sh[j] : mx;
+                acc = exp(lse_p - mx);
+                for (int j = 0; j < P; j++) acc += exp((double)sh[j] - mx);
+                double lse_all = mx + log(acc);
                 for (int j = 0; j < P; j++) pref += exp((double)sh[j] - lse_all);
             }
             float e1 = fabsf(rs - 1.0f);
@@ -190,7 +192,7 @@ void image_stats(const float *logits, const float *dist, int H, int nq, int N, i
 
 # -O3 and the native ISA for speed; fast-math only at compile time (vectorised expf/logf from libmvec), never at
 # link time (that would link crtfastmath and flush denormals process-wide)
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c99"]
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-std=c99"]
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
