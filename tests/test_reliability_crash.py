@@ -36,6 +36,7 @@ import torch
 from mimlab.engine.state import load_checkpoint
 from mimlab.utils.io import STALL_ENV
 from mimlab.utils.lock import run_lock
+from conftest import MINI_STUDY
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")]
 
@@ -351,24 +352,7 @@ def test_transfer_sigkill_at_random_points_then_resume(zygote, finegrained, tmp_
 
 
 # ------------------------------------------------------------------------------------------------ reproduce
-MINI = """
-preset: quick
-model_kwargs: img_size=32,patch_size=8,depth=3,embed_dim=32,num_heads=2
-pretrain_data: builtin:fractal-leaves?classes=8&per_class=8&seed=0
-pretrain_steps: 4
-pretrain_batch_size: 16
-probe_images: 16
-probe_batch_size: 8
-bootstrap: 20
-transfer_steps: {classify: 3, keypoints: 3, depth: 3, track: 3}
-transfer_batch_size: 8
-ablation_blocks: 1
-transfer_data:
-  classify: {kind: finegrained, num_classes: 3, train_per_class: 8, val_per_class: 4, size: 32}
-  keypoints: {kind: keypoints, train_images: 8, val_images: 4, size: 32}
-  depth: {kind: depth, train_images: 8, val_images: 4, width: 32, height: 32}
-  track: {kind: tracking, train_sequences: 3, val_sequences: 2, length: 6, size: 48}
-"""
+MINI = MINI_STUDY
 
 
 def comparable_summary(out: Path) -> str:

@@ -25,12 +25,7 @@ ARCH = "vit_tiny_patch16_224"
 KW_TEXT = "img_size=16,patch_size=4,depth=2,embed_dim=32,num_heads=2"
 DATA = "builtin?classes=4&per_class=8"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MIMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "mimlab-cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
 
 
 def pretrain_args(out: Path, *extra: str, steps: int = 6) -> list[str]:
