@@ -112,6 +112,8 @@ def test_probe_uses_it_on_the_cpu_and_matches_the_torch_path():
     x = torch.randn(4, 3, 32, 32)
     fast = probe({"m": m}, x, batch_size=4, config=ProbeConfig(kernel="cpu", bootstrap=0, cka=False))
     slow = probe({"m": m}, x, batch_size=4, config=ProbeConfig(kernel="torch", bootstrap=0, cka=False))
+    assert fast.to_dict()["models"]["m"]["stats_kernel"] == "cpu"
+    assert slow.to_dict()["models"]["m"]["stats_kernel"] == "torch"
     a, b = fast.to_dict()["models"]["m"]["layers"], slow.to_dict()["models"]["m"]["layers"]
     for la, lb in zip(a, b):
         for key in ("attention_distance_px", "head_kl", "head_js", "entropy", "prefix_mass", "nmi"):

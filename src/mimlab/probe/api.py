@@ -122,12 +122,15 @@ class _ModelProbe:
         self.batch_grams: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.max_rowsum_err = 0.0
         self.kernel = _compiled_kernel() if cfg.compile else None
+        self.kernel_name = "torch-compiled" if cfg.compile else "torch"
+        self.kernels_used: set[str] = set()            # which implementation computed the statistics (provenance)
         if (self.kernel is None and torch.device(device).type == "cpu" and self.dtype == torch.float32
                 and cfg.kernel in ("auto", "cpu")):
             from mimlab.probe import cpu_stats
 
             if cpu_stats.is_available():
                 self.kernel = cpu_stats.cpu_chunk_sums_tensors
+                self.kernel_name = "cpu"
             elif cfg.kernel == "cpu":
                 raise MimlabError(f"--stats-kernel cpu: the fused CPU kernel is unavailable "
                                   f"({cpu_stats.unavailable_reason()})")
@@ -182,8 +185,10 @@ class _ModelProbe:
         fused = self._fused_sums(name, call, mask, P, dist) if sdpa else None
         if fused is not None:
             values = [self._values(name, fused, nq_total, layer)]
+            self.kernels_used.add("triton")
         else:
             values = []
+            self.kernels_used.add(self.kernel_name)
         for b0 in range(0, B if fused is None else 0, b_chunk):
             b1 = min(B, b0 + b_chunk)
             sums: ChunkSums | None = None
@@ -341,7 +346,8 @@ class _ModelProbe:
                "checkpoint_sha256": pm.checkpoint_sha256, "random_init": bool(pm.random_init),
                "family": self.adapter.family, **self.adapter.info,
                "uniform_distance_px": self.adapter.uniform_distance(),
-               "max_rowsum_error": self.max_rowsum_err, "layers": layers}
+               "max_rowsum_error": self.max_rowsum_err, "stats_kernel": "+".join(sorted(self.kernels_used)),
+               "layers": layers}
         out.update(pm.extra)
         return out
 
