@@ -112,13 +112,13 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
             meter.update(np.full(gt.shape, mean_depth), gt, valid_mask(gt, min_depth, max_depth,
                                                                          crop_mask(gt.shape, crop)),
                          min_depth=min_depth, max_depth=max_depth)
+        # evaluation images without a single valid ground-truth pixel (after the crop) are not scored: the
+        # baseline sees the same masks as every evaluation, so its count goes into the data info
+        info["num_val_without_valid_depth"] = meter.skipped
         return {**meter.result(), "mean_depth_m": mean_depth}
 
-    # evaluation images without a single valid ground-truth pixel (after the crop) are not scored: count them
-    unscored = sum(not valid_mask(gt, min_depth, max_depth, crop_mask(gt.shape, crop)).any()
-                   for gt in (load_depth_png(s.depth, scale) for s in val_s))
     info = {"format": fmt, "depth_scale": scale, "min_depth": min_depth, "max_depth": max_depth, "eval_crop": crop,
             "train_split": str(train_file), "val_split": str(val_file), "num_train": len(train_s),
-            "num_val": len(val_s), "num_val_without_valid_depth": int(unscored), "input_size": [ih, iw]}
+            "num_val": len(val_s), "input_size": [ih, iw]}
     return TaskRun(model=model, train_set=train_ds, loss_fn=loss_fn, evaluate=evaluate, baseline=baseline,
                    data_info=info)
