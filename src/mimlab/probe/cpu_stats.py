@@ -253,14 +253,14 @@ def unavailable_reason() -> str | None:
     return _ERROR
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None    # (threads, pool), rebuilt when the thread count changes
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None or _POOL._max_workers != n:  # noqa: SLF001 - resize on a thread-count change
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mimlab-stats")
-    return _POOL
+    if _POOL is None or _POOL[0] != n:
+        _POOL = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="mimlab-stats"))
+    return _POOL[1]
 
 
 def cpu_chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, eps: float,
