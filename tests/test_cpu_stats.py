@@ -128,3 +128,65 @@ def test_unavailable_compiler_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "no-such-compiler")
     assert not cpu_stats.is_available()
     assert "no C compiler" in cpu_stats.unavailable_reason()
+
+
+def _qk_reference(q, k, mask, scale, P, dist, js=True, renormalize=True):
+    """The torch path in float64 on logits formed in float64 from the same float32 q, k and mask."""
+    s = (q.double()[:, :, P:] @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        m = mask.double()
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        s = s + m[..., P:, :]
+    return chunk_sums_tensors(s, dist.double(), P, 1e-8, renormalize, js)
+
+
+def _timm_like_qk(b, H, N, D, sharp, seed):
+    """q and k as timm's Attention hands them to SDPA: views of one qkv tensor (non-contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, N, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)
+    return qkv[0] * sharp, qkv[1]
+
+
+@pytest.mark.parametrize("sharp", [0.003, 0.5, 3.0], ids=["near-uniform", "moderate", "sharp"])
+@pytest.mark.parametrize("P", [0, 1, 2])
+def test_qk_entry_matches_float64_reference(sharp, P):
+    """The logits are formed inside the kernel from strided q and k (no logits tensor); same numbers."""
+    g = 5
+    K = g * g
+    q, k = _timm_like_qk(2, 3, P + K, 16, sharp, P)
+    assert not q.is_contiguous()
+    got = cpu_stats.cpu_qk_sums_tensors(q, k, None, 0.25, P, grid_dist(g).float(), 1e-8, True, True)
+    want = _qk_reference(q, k, None, 0.25, P, grid_dist(g))
+    assert bool(got[8])
+    rtol = 1e-4 if sharp < 0.01 else 1e-5     # near uniform: KL ~ 1e-5 from float32 rows (as for the logits entry)
+    for name, a, b in zip(NAMES, got, want):
+        err = float((a - b).abs().max()) / (float(b.abs().max()) + 1e-300)
+        assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (2, 4), (2, 1), (1, 1)], ids=["bias", "per-image", "per-image-1h", "shared"])
+def test_qk_entry_with_additive_masks_and_windows(shape):
+    """Relative position bias / shifted-window masks broadcast over images or heads; one distance map per window."""
+    g, P, H, b = 4, 0, 4, 2
+    K = g * g
+    q, k = _timm_like_qk(b, H, K, 8, 1.0, 7)
+    gen = torch.Generator().manual_seed(8)
+    mask = torch.randn(shape[0], shape[1], K, K, generator=gen)
+    mask[..., 3] = -100.0                                        # Swin's shifted-window mask value
+    dist = torch.stack([grid_dist(g), 0.5 * grid_dist(g)])[:, None]     # (b, 1, nq, K)
+    got = cpu_stats.cpu_qk_sums_tensors(q, k, mask, 0.3, P, dist.float(), 1e-8, True, True)
+    want = _qk_reference(q, k, mask, 0.3, P, dist)
+    for name, a, bb in zip(NAMES, got, want):
+        err = float((a - bb).abs().max()) / (float(bb.abs().max()) + 1e-300)
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_qk_entry_flags_bad_values_and_refuses_bool_masks():
+    q, k = _timm_like_qk(2, 2, 5, 4, 1.0, 0)
+    q = q.clone()
+    q[1, 0, 2, 0] = float("nan")
+    assert not bool(cpu_stats.cpu_qk_sums_tensors(q, k, None, 0.5, 1, grid_dist(2).float(), 1e-8, True, True)[8])
+    with pytest.raises(ValueError, match="additive float"):
+        cpu_stats.cpu_qk_sums_tensors(k, k, torch.ones(5, 5, dtype=torch.bool), 0.5, 1, grid_dist(2).float(),
+                                      1e-8, True, True)

@@ -24,8 +24,9 @@ from mimlab.probe.families import per_image_window_mean
 from mimlab.probe.cka import MinibatchCKA, gram_linear
 
 CKA_FEATURES = ("flatten", "mean", "cls")
-# centred features smaller than this fraction of the raw features are rounding noise: the set has no variance
-ZERO_VARIANCE_RTOL = 1e-12
+# centred features whose norm is below this fraction of the raw features' are rounding noise: the set has no
+# variance (float32 features are centred in float32, whose rounding noise is ~1e-7 of the offset)
+ZERO_VARIANCE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
 def feature_gram(feats: torch.Tensor) -> torch.Tensor:
@@ -33,14 +34,23 @@ def feature_gram(feats: torch.Tensor) -> torch.Tensor:
 
     The unbiased HSIC is exactly invariant to adding one vector to every sample, so centring changes nothing
     mathematically; it keeps float64 precision when features have a large common offset (residual streams do),
-    where `X X^T` would bury the between-image differences under the offset's square. Features identical for
-    every image of the batch give an all-zero Gram: their HSIC is exactly 0, so CKA with them is 0/0 = NaN
-    (undefined) rather than a ratio of rounding errors."""
-    x = feats.reshape(feats.shape[0], -1).to(torch.float64)
-    xc = x - x.mean(0, keepdim=True)
-    if not bool(xc.abs().amax() > ZERO_VARIANCE_RTOL * x.abs().amax()):
-        return torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
-    return gram_linear(xc)
+    where `X X^T` would bury the between-image differences under the offset's square. By the same invariance the
+    mean need not be exact: float32 features are centred in float32 (no float64 copy of the raw features), and
+    only the centred values, exact to float32 rounding of themselves, are multiplied in float64. Features identical
+    for every image of the batch give an all-zero Gram: their HSIC is exactly 0, so CKA with them is 0/0 = NaN
+    (undefined) rather than a ratio of rounding errors. Non-finite features give a non-finite Gram."""
+    x = feats.reshape(feats.shape[0], -1)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    mu = x.mean(0, keepdim=True)
+    xc = (x - mu).to(torch.float64)
+    g = xc @ xc.T
+    # ||x||^2 = ||x - mu||^2 + n ||mu||^2: the zero-variance test costs no extra pass over the features
+    centred = g.diagonal().sum()
+    total = centred + x.shape[0] * mu.to(torch.float64).square().sum()
+    if bool(centred <= ZERO_VARIANCE_RTOL[x.dtype] ** 2 * total):     # also False for NaN: then g is returned
+        return torch.zeros_like(g)
+    return g
 
 
 @dataclass
@@ -182,10 +192,16 @@ class _ModelProbe:
         q_chunk = nq_total if b_chunk > 1 or per_image <= self.cfg.chunk_elements else \
             max(1, self.cfg.chunk_elements // (H * N))
         dist = self.dists[li]
-        fused = self._fused_sums(name, call, mask, P, dist) if sdpa else None
+        fused, fused_kernel = None, None
+        if sdpa:
+            fused = self._fused_sums(name, call, mask, P, dist)
+            fused_kernel = "triton"
+            if fused is None:
+                fused = self._cpu_qk_sums(name, call, qd, kd, mask, P, dist, layer)
+                fused_kernel = "cpu"
         if fused is not None:
             values = [self._values(name, fused, nq_total, layer)]
-            self.kernels_used.add("triton")
+            self.kernels_used.add(fused_kernel)
         else:
             values = []
             self.kernels_used.add(self.kernel_name)
@@ -269,22 +285,44 @@ class _ModelProbe:
             raise MimlabError(f"{self.pm.label}/{name}: non-finite attention logits (NaN or inf)")
         return ChunkSums(*out[:8])
 
+    def _cpu_qk_sums(self, name: str, call, qd, kd, mask, P: int, dist, layer) -> ChunkSums | None:
+        """The fused C kernel straight from q and k (no logits tensor) when it is the statistics kernel and the call
+        has no causal or boolean mask, else None (the caller forms the logits)."""
+        if (self.kernel_name != "cpu" or call.is_causal or (mask is not None and mask.dtype == torch.bool)
+                or qd.shape != kd.shape):
+            return None
+        from mimlab.probe import cpu_stats
+
+        if layer.geometry is None:
+            dist_rows = dist
+        else:   # window w of image b is attention batch b * nW + w
+            win = torch.arange(qd.shape[0], device=dist.device) % layer.num_windows
+            dist_rows = dist[win][:, None]
+        out = cpu_stats.cpu_qk_sums_tensors(qd, kd, mask, call.scale, P, dist_rows, self.cfg.kl_eps,
+                                            self.cfg.renormalize, self.cfg.js)
+        if not bool(out[8]):
+            raise MimlabError(f"{self.pm.label}/{name}: non-finite attention logits (NaN or inf)")
+        return ChunkSums(*out[:8])
+
     # -- CKA features -----------------------------------------------------------------------------------------
     def block_hook(self, index: int):
         def hook(module, args, output):
             x = self.adapter.tokens(output)
-            if not torch.isfinite(x).all():
+            if self.cfg.cka and self.cfg.cka_features == "flatten":
+                gram = feature_gram(x)          # non-finite iff x has a NaN/inf: no separate pass over x
+                finite = bool(torch.isfinite(gram).all())
+            else:                               # one reduction; the exact test only when it is not finite
+                gram = None
+                finite = bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+            if not finite:
                 raise MimlabError(f"{self.pm.label}: non-finite values (NaN/inf) in the output of {self.blocks[index][0]}")
             if not self.cfg.cka:
                 return
-            P = self.adapter.num_prefix
-            if self.cfg.cka_features == "flatten":
-                feats = x
-            elif self.cfg.cka_features == "mean":
-                feats = x[:, P:].mean(1)
-            else:
-                feats = x[:, 0]
-            self.batch_grams[index] = feature_gram(feats)
+            if gram is None:
+                P = self.adapter.num_prefix
+                feats = x[:, P:].mean(1) if self.cfg.cka_features == "mean" else x[:, 0]
+                gram = feature_gram(feats)
+            self.batch_grams[index] = gram
         return hook
 
     # -- per batch ----------------------------------------------------------------------------------------------

@@ -1,22 +1,30 @@
 """A fused CPU kernel for the probe's attention statistics: `chunk_sums_tensors` in one pass of compiled C.
 
-`cpu_chunk_sums_tensors(logits, dist_rows, num_prefix, eps, renormalize, js)` returns exactly what
-`mimlab.probe.attention_stats.chunk_sums_tensors` returns (same tuple, shapes, dtypes and formulas), for float32
-logits on the CPU. Eager torch makes ~20 passes over each (heads x queries x keys) block, plus ~10 per pair of
-heads for Jensen-Shannon, each a trip through memory at ~1 ns per element; this kernel takes one attention row
-of every head at a time (a few KB, in L1) and does all of it there, vectorised (AVX2/AVX-512 through GCC and
-glibc's vector math library).
+Two entry points return exactly what `mimlab.probe.attention_stats.chunk_sums_tensors` returns (same tuple, shapes,
+dtypes and formulas), for float32 on the CPU:
+- `cpu_qk_sums_tensors(q, k, attn_mask, scale, ...)` takes what the model hands to scaled_dot_product_attention
+  and forms the logits `s = scale q.k + mask` itself, a block of 4 queries x all keys at a time, in registers and
+  L1: no (heads x queries x keys) logits tensor is ever written (for ViT-S/16 that tensor is 30 MB per layer and
+  batch of 32, and the matmul that fills it costs as much as all the statistics);
+- `cpu_chunk_sums_tensors(logits, ...)` takes logits (for models captured through their softmax).
+Eager torch makes ~20 passes over each (heads x queries x keys) block, plus ~10 per pair of heads for Jensen-Shannon,
+each a trip through memory; this kernel takes one attention row of every head at a time (a few KB, in L1) and does
+all of it there, vectorised (AVX2/AVX-512 through GCC's vector extensions and glibc's vector math library).
 
-Formulas (the torch path's, see attention_stats): per head and query, with s the logits clamped at
-`rowmax - 1e4`, m the patch maximum and K patch keys,
-    rel = log sum_j exp(s_j - m) = log(K c + sum_j (e_j - c)), e_j = exp(s_j - m), c = e_0   (float64)
-    lpk_j = (s_j - m) - (rel - log K) = log(K p_j),  p_j = exp(lpk_j) / K
-    negent = sum p lpk (= log K - entropy), dist = sum p D, colsum_j += p_j, prefix = sum_{j<P} exp(s_j - lse_all)
-    cross[h, g] += sum_j p_h ell_g,  ell = log(K p + K eps) = max(lpk, log K eps) + log1p(exp(-|lpk - log K eps|))
+Formulas, per head and query, with s the logits clamped at `rowmax - 1e4` (-inf = masked), K patch keys and a the
+shift: the mean patch logit (so x = s - a is centred and no sum below cancels for near-uniform rows), at most 60
+below the patch maximum (so exp cannot overflow):
+    em_j = expm1(x_j), S = sum_j em_j (= sum_j exp(x_j) - K), delta = log1p(S / K)            (delta in float64)
+    lpk_j = log(K p_j) = x_j - delta;  K p_j = 1 + u_j, u_j = c em_j + (c - 1), c = K / (K + S)
+    negent = sum p lpk = (sum lpk + sum u lpk) / K (= log K - entropy; exact relative to its size near uniform)
+    dist = sum p D, colsum_j += p_j, prefix = sum_{j<P} exp(s_j - lse_all)
+    cross[h, g] += sum_j p_h ell_g,  ell = log(K p + K eps) = max(lpk, log K eps) + log1p(min/max(K p, K eps))
     js[h, g] += 1/2 sum_j (p_h + p_g) G(|lpk_h - lpk_g| / 2),  G(x) = x tanh x - log cosh x
-(G by its Taylor series below 0.5, by log 2 - 2 x e / (1 + e) - log(1 + e), e = exp(-2x), above; no cancellation.)
-Per-query sums are float32, everything summed over queries float64, in a fixed order (one image per task), so
-the result does not depend on the number of threads.
+(G by its Taylor series below 0.5, above by log 2 - 2 x e / (1 + e) - log1p(e) with e = exp(-2x) = the ratio of
+the smaller to the larger K p and log1p(e) = 2 atanh(e / (2 + e)) as a short odd series: no transcendental
+function per pair of heads, and no cancellation.) Keys are padded to a multiple of 16 with p = 0, so every loop
+runs on whole vectors. Per-query sums are float32, everything summed over queries float64 (in vector lanes), in a
+fixed order (one image per task), so the result does not depend on the number of threads.
 
 The C source is compiled once per machine with the system C compiler (`cc`; GCC or Clang) into a cache folder
 (`$MIMLAB_CACHE`, else `~/.cache/mimlab`), keyed by a hash of the source and flags, and loaded with ctypes; the
@@ -46,153 +54,335 @@ _SOURCE = r"""
 #include <string.h>
 
 #define MASKED (-1e4f)
+#define VW 16                                    /* floats per vector (GCC/Clang vector extension) */
+#define QB 4                                     /* queries per logits block */
+typedef float vf __attribute__((vector_size(VW * 4)));
+#define ALIGNED(p) __builtin_assume_aligned((p), 64)
+
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 static inline int bad_bits(float x) {            /* NaN or +-inf, from the bit pattern (fast-math safe) */
     uint32_t u; memcpy(&u, &x, 4); return (u & 0x7f800000u) == 0x7f800000u;
 }
 
-static inline float js_g(float x) {              /* x tanh x - log cosh x, x >= 0 */
+static inline int nonfinite_not_neginf(float x) { /* NaN or +inf (-inf is a mask), from the bits */
+    uint32_t u; memcpy(&u, &x, 4); return (u & 0x7f800000u) == 0x7f800000u && u != 0xff800000u;
+}
+
+/* log1p(r) for 0 <= r <= 1 as 2 atanh(t), t = r / (2 + r) <= 1/3: an odd series to t^15, relative error < 2e-9,
+   inline (vectorises to a handful of FMAs and one division) */
+static inline float log1p_unit(float r) {
+    float t = r / (2.0f + r), t2 = t * t;
+    return 2.0f * t * (1.0f + t2 * (1.0f / 3.0f + t2 * (0.2f + t2 * (1.0f / 7.0f + t2 * (1.0f / 9.0f + t2 * (1.0f / 11.0f
+           + t2 * (1.0f / 13.0f + t2 * (1.0f / 15.0f))))))));
+}
+
+/* G(x) = x tanh x - log cosh x for x >= 0, given e = exp(-2x) (computed by the caller without exp) */
+static inline float js_g(float x, float e) {
     float x2 = x * x;
     float ser = x2 * (0.5f + x2 * (-0.25f + x2 * (1.0f / 9.0f + x2 * (-17.0f / 360.0f + x2 * (31.0f / 1575.0f
               + x2 * (-691.0f / 85050.0f + x2 * (10922.0f / 3274425.0f + x2 * (-929569.0f / 681080400.0f))))))));
-    float xb = x < 0.5f ? 0.5f : x;
-    float e = expf(-2.0f * xb);
-    float big = 0.6931471805599453f - 2.0f * xb * e / (1.0f + e) - logf(1.0f + e);
+    /* x >= 0.5: G = log 2 - 2 x e / (1 + e) - log1p(e), e <= exp(-1); log1p(e) = 2 atanh(t), t = e / (2 + e) */
+    float a = 1.0f / ((1.0f + e) * (2.0f + e));
+    float t = e * (1.0f + e) * a, t2 = t * t;
+    float l1p = 2.0f * t * (1.0f + t2 * (1.0f / 3.0f + t2 * (0.2f + t2 * (1.0f / 7.0f + t2 * (1.0f / 9.0f
+              + t2 * (1.0f / 11.0f))))));
+    float big = 0.6931471805599453f - 2.0f * x * e * (2.0f + e) * a - l1p;
     return x < 0.5f ? ser : big;
 }
 
-/* log sum_j exp(x_j - m) over n values as log(n c + sum (e_j - c)), c = e_0, in double; m = max x */
-static double rel_lse(const float *x, int n, float m, float *e) {
-    float c;
-    float acc = 0.0f;
-    for (int j = 0; j < n; j++) e[j] = expf(x[j] - m);
-    c = e[0];
-    for (int j = 0; j < n; j++) acc += e[j] - c;
-    return log((double)n * (double)c + (double)acc);
+/* S[r][j] = scale * q_r . k_j for r < nr <= QB query rows (row stride qs) and j < Np (kt: D x Np, Np % VW == 0) */
+static void qk_rows(const float *q, long qs, int D, const float *kt, int Np, int nr, float scale, float *S) {
+    int j0 = 0;
+    for (; j0 + 4 * VW <= Np; j0 += 4 * VW) {
+        vf acc[QB][4];
+        memset(acc, 0, sizeof acc);
+        for (int d = 0; d < D; d++) {
+            const float *kr = kt + (size_t)d * Np + j0;
+            vf k0 = vload(kr), k1 = vload(kr + VW), k2 = vload(kr + 2 * VW), k3 = vload(kr + 3 * VW);
+            for (int r = 0; r < QB; r++) {
+                float qv = q[(r < nr ? r : 0) * qs + d];
+                acc[r][0] += qv * k0; acc[r][1] += qv * k1; acc[r][2] += qv * k2; acc[r][3] += qv * k3;
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < 4; c++) vstore(S + (size_t)r * Np + j0 + c * VW, acc[r][c] * scale);
+    }
+    for (; j0 < Np; j0 += VW) {
+        vf acc[QB];
+        memset(acc, 0, sizeof acc);
+        for (int d = 0; d < D; d++) {
+            vf k0 = vload(kt + (size_t)d * Np + j0);
+            for (int r = 0; r < QB; r++) acc[r] += q[(r < nr ? r : 0) * qs + d] * k0;
+        }
+        for (int r = 0; r < nr; r++) vstore(S + (size_t)r * Np + j0, acc[r] * scale);
+    }
 }
 
-/*
- * One image b of a chunk. logits (H, nq, N); dist (nq, K); outputs for this image:
- * dsum, esum, nsum, psum (H) doubles; cross, js (H, H) doubles; colsum (H, K) doubles;
- * *rowerr = max |sum p - 1|; *bad = 1 if any logit is NaN/inf (the torch path's `finite` is then False).
- * work: float buffer of at least H * (N + 4 * K) floats.
- */
-void image_stats(const float *logits, const float *dist, int H, int nq, int N, int P, float eps,
-                 int renormalize, int do_js, double *dsum, double *esum, double *nsum, double *psum,
-                 double *cross, double *js, double *colsum, float *rowerr, int *bad, float *work) {
-    const int K = N - P;
-    const double logk_d = log((double)K);
-    const float inv_k = 1.0f / (float)K;
-    const float lke = logf((float)K * eps);
-    float *s = work;                       /* H x N: clamped logits of this query */
-    float *lpk = s + (size_t)H * N;        /* H x K */
-    float *p = lpk + (size_t)H * K;        /* H x K */
-    float *ell = p + (size_t)H * K;        /* H x K */
-    float *tmp = ell + (size_t)H * K;      /* N */
-    float err = 0.0f;
-    int isbad = 0;
-    for (int h = 0; h < H; h++) { dsum[h] = esum[h] = nsum[h] = psum[h] = 0.0; }
-    memset(cross, 0, sizeof(double) * H * H);
-    memset(js, 0, sizeof(double) * H * H);
-    memset(colsum, 0, sizeof(double) * H * K);
-    for (int i = 0; i < nq; i++) {
-        const float *drow = dist + (size_t)i * K;
-        for (int h = 0; h < H; h++) {
-            const float *r = logits + ((size_t)h * nq + i) * N;
-            float *sh = s + (size_t)h * N;
-            float rmax = -INFINITY;
-            int rb = 0;
-            for (int j = 0; j < N; j++) {   /* -inf is a mask; NaN or +inf is bad */
-                uint32_t u; memcpy(&u, &r[j], 4);
-                if ((u & 0x7f800000u) == 0x7f800000u && (u != 0xff800000u)) rb = 1;
-            }
-            isbad |= rb;
-            for (int j = 0; j < N; j++) rmax = r[j] > rmax ? r[j] : rmax;
-            float floor = (bad_bits(rmax) ? 0.0f : rmax) + MASKED;
-            for (int j = 0; j < N; j++) sh[j] = r[j] > floor ? r[j] : floor;
-            const float *sp = sh + P;
-            float m = -INFINITY;
-            for (int j = 0; j < K; j++) m = sp[j] > m ? sp[j] : m;
-            double rel = rel_lse(sp, K, m, tmp);
-            float off = (float)(rel - logk_d);
-            float *lh = lpk + (size_t)h * K, *ph = p + (size_t)h * K, *eh = ell + (size_t)h * K;
-            /* K p = exp(l) = 1 + expm1(l): sums of p and of p l keep the relative precision of l near uniform */
-            float sem = 0.0f, sl = 0.0f, sel = 0.0f, dd = 0.0f;
-            for (int j = 0; j < K; j++) {
-                float l = (sp[j] - m) - off;
-                float em = expm1f(l);
-                float pj = (1.0f + em) * inv_k;
-                lh[j] = l; ph[j] = pj;
-                /* sum K p l = sum l + sum expm1(l) l for |l| < 1 (exact near uniform); K p l directly below -1
-                   (there l may be ~ -1e4 for a masked key, which the split form would cancel in float32) */
-                int near = l > -1.0f;
-                sem += em; sl += near ? l : 0.0f; sel += near ? em * l : (1.0f + em) * l; dd += pj * drow[j];
-            }
-            float rs = 1.0f + sem * inv_k;
-            /* the vector exp's few-ulp error leaves sum p = rs != 1 by ~1e-7, which would shift negentropy and the
-               KL cross terms by that much (large next to near-uniform values): renormalise exactly, p /= rs and
-               l -= log rs (cheap passes, no transcendental function) */
-            double rs_d = 1.0 + (double)sem / (double)K;
-            double lr_d = log1p((double)sem / (double)K);
-            float lr = (float)lr_d, inv_rs = (float)(1.0 / rs_d);
-            for (int j = 0; j < K; j++) {
-                float l = lh[j] - lr;
-                lh[j] = l; ph[j] *= inv_rs;
-                /* ell = log(K p + K eps) = logaddexp(l, log K eps): exact relative to l, also for p -> 0 */
-                eh[j] = (l > lke ? l : lke) + log1pf(expf(-fabsf(l - lke)));
-            }
-            double ng_d = ((double)sl + (double)sel) / (double)K / rs_d - lr_d;
-            float ng = (float)ng_d;
-            dd = (float)((double)dd / rs_d);
-            double pref = 0.0;
-            if (P > 0) {   /* lse over all keys from the patch lse and the few prefix logits, in double */
-                double lse_p = (double)m + rel, mx = lse_p, acc = 0.0;
-                for (int j = 0; j < P; j++) mx = (double)sh[j] > mx ? (double)sh[j] : mx;
-                acc = exp(lse_p - mx);
-                for (int j = 0; j < P; j++) acc += exp((double)sh[j] - mx);
-                double lse_all = mx + log(acc);
-                for (int j = 0; j < P; j++) pref += exp((double)sh[j] - lse_all);
-            }
-            float e1 = fabsf(rs - 1.0f);
-            err = e1 > err ? e1 : err;
-            dsum[h] += renormalize ? (double)dd : (double)dd * (1.0 - pref);
-            nsum[h] += ng_d;
-            esum[h] += logk_d - ng_d;
-            psum[h] += pref;
-            double *ch = colsum + (size_t)h * K;
-            for (int j = 0; j < K; j++) ch[j] += (double)ph[j];
-        }
-        for (int h = 0; h < H; h++) {
-            const float *ph = p + (size_t)h * K;
-            for (int g = 0; g < H; g++) {
-                const float *eg = ell + (size_t)g * K;
-                float acc = 0.0f;
-                for (int j = 0; j < K; j++) acc += ph[j] * eg[j];
-                cross[h * H + g] += (double)acc;
-            }
-        }
-        if (do_js) {
-            for (int h = 0; h < H - 1; h++) {
-                const float *ph = p + (size_t)h * K, *lh = lpk + (size_t)h * K;
-                for (int g = h + 1; g < H; g++) {
-                    const float *pg = p + (size_t)g * K, *lg = lpk + (size_t)g * K;
-                    float acc = 0.0f;
-                    for (int j = 0; j < K; j++) acc += (ph[j] + pg[j]) * js_g(0.5f * fabsf(lh[j] - lg[j]));
-                    js[h * H + g] += 0.5 * (double)acc;
-                }
-            }
+typedef double vd __attribute__((vector_size(VW * 4)));   /* VW / 2 doubles */
+
+static inline void acc_double(vd *acc, vf v) {   /* acc[0..1] += the VW float lanes of v, in double */
+    float lo[VW / 2], hi[VW / 2];
+    memcpy(lo, &v, sizeof lo); memcpy(hi, (char *)&v + sizeof lo, sizeof hi);
+    vd a, b;
+    for (int t = 0; t < VW / 2; t++) { a[t] = lo[t]; b[t] = hi[t]; }
+    acc[0] += a; acc[1] += b;
+}
+
+static inline double hsum_d(const vd *acc) {
+    double s = 0.0;
+    for (int t = 0; t < VW / 2; t++) s += acc[0][t] + acc[1][t];
+    return s;
+}
+
+typedef struct {
+    int H, N, K, Kp, P, renormalize, do_js;
+    float eps, lke, keps, inv_k;
+    double logk;
+    /* per-query per-head rows (H x K): lpk, p, ell, kp (= K p, exact exp), rkp (= 1 / kp) */
+    float *lpk, *p, *ell, *kp, *rkp;
+    double *dsum, *esum, *nsum, *psum, *cross, *js, *colsum;
+    double *colw;                 /* H x Kp column sums (padded) */
+    double *dlo;                  /* H: per head, sum over queries of the float rounding of delta */
+    vd *crossv, *jsv;             /* H x H x 2 vector accumulators */
+    float *row;                   /* Kp + VW floats: a padded copy of a row's patch logits */
+    float err;
+    int bad;
+} Ctx;
+
+/* one attention row r (N logits, prefix first) of head h for a query with distance row drow (Kp, zero padded).
+   Every loop runs over Kp = K rounded up to VW, so it vectorises without a scalar remainder; lanes j >= K get
+   p = 0 and finite values elsewhere, so they add exactly 0 to every sum. */
+static void row_stats(Ctx *c, int h, const float *restrict r, const float *restrict drow) {
+    const int N = c->N, K = c->K, Kp = c->Kp, P = c->P;
+    float *restrict sp = c->row;
+    float rmax = -INFINITY, pm = -INFINITY;
+    int rb = 0;
+    #pragma omp simd reduction(|:rb) reduction(max:rmax)
+    for (int j = 0; j < N; j++) { rb |= nonfinite_not_neginf(r[j]); rmax = r[j] > rmax ? r[j] : rmax; }
+    c->bad |= rb;
+    /* -inf (masked) logits -> rowmax - 1e4; a row without a finite logit -> all at -1e4 (uniform) */
+    const float floor = (bad_bits(rmax) ? 0.0f : rmax) + MASKED;
+    float ssum = 0.0f;
+    #pragma omp simd reduction(max:pm) reduction(+:ssum)
+    for (int j = 0; j < K; j++) {
+        float v = r[P + j]; v = v > floor ? v : floor; sp[j] = v; pm = v > pm ? v : pm; ssum += v;
+    }
+    /* shift a: the mean logit when the row is within 1 of uniform, so x = s - a is centred and small and the sums
+       of x and of log K p below do not cancel; else the maximum, so x <= 0 is exact near the keys that matter */
+    const float mean = ssum * c->inv_k;
+    const float m = pm - mean <= 1.0f ? mean : pm;
+    for (int j = K; j < Kp; j++) sp[j] = pm - 40.0f;            /* padding (p = 0 is set below) */
+    float *restrict lh = ALIGNED(c->lpk + (size_t)h * Kp), *restrict ph = ALIGNED(c->p + (size_t)h * Kp);
+    float *restrict eh = ALIGNED(c->ell + (size_t)h * Kp), *restrict kh = ALIGNED(c->kp + (size_t)h * Kp);
+    float *restrict rh = ALIGNED(c->rkp + (size_t)h * Kp);
+    sp = ALIGNED(sp); drow = ALIGNED(drow);
+    /* pass 1: x = s - m, em = expm1(x); sum_j exp(x_j) = K + S */
+    float S = 0.0f;
+    #pragma omp simd reduction(+:S) aligned(sp, lh, ph : 64)
+    for (int j = 0; j < Kp; j++) {
+        float x = sp[j] - m;
+        float em = expm1f(x > -30.0f ? x : -30.0f);   /* = -1 in float below; a clamped argument keeps the vector
+                                                         math off its slow path for huge negative inputs */
+        lh[j] = x; ph[j] = em; S += j < K ? em : 0.0f;
+    }
+    /* log K p_j = x_j - delta, delta = log1p(S / K);  K p_j = c (1 + em_j) = 1 + u_j, u_j = c em_j + (c - 1),
+       c = K / (K + S): u is exact relative to its size near uniform, where the sums below need it */
+    double Sd = (double)S, KS = (double)K + Sd;
+    double delta_d = log1p(Sd / (double)K);
+    float delta = (float)delta_d, cf = (float)((double)K / KS), cm1 = (float)(-Sd / KS);
+    float su = 0.0f, sl = 0.0f, sul = 0.0f, dd = 0.0f;
+    const float lke = c->lke, keps = c->keps, rkeps = 1.0f / keps, inv_k = c->inv_k;
+    #pragma omp simd reduction(+:su, sl, sul, dd) aligned(lh, ph, eh, kh, rh, drow : 64)
+    for (int j = 0; j < Kp; j++) {
+        float valid = j < K ? 1.0f : 0.0f;
+        float l = lh[j] - delta;
+        float u = cf * ph[j] + cm1;
+        float kpe = expf(l > -80.0f ? l : -80.0f);   /* K p, exact in relative terms also when tiny; the clamped
+                                                         argument keeps the vector exp off its slow underflow path */
+        kpe = l > -80.0f ? kpe : 0.0f;
+        /* K p = 1 + u near uniform (|l| < 1: exact to its deviation from 1), exp(l) below (1 + u would have lost
+           the digits of a small K p to the rounding of c em ~ -c) */
+        int near = l > -1.0f;
+        float kpn = near ? 1.0f + u : kpe;
+        float pj = kpn * inv_k * valid;
+        /* sum K p l = sum l + sum u l near uniform; sum K p l directly below */
+        float tl = near ? l : 0.0f, tul = near ? u * l : kpe * l;
+        su += (kpn - 1.0f) * valid; sl += tl * valid; sul += tul * valid;
+        dd += pj * drow[j];
+        float kpc = kpe > 1e-30f ? kpe : 1e-30f;
+        float rk = 1.0f / kpc;
+        /* ell = log(K p + K eps) = max(l, lke) + log1p(exp(-|l - lke|)), exp(-|l - lke|) = min/max ratio */
+        float ratio = (kpc < keps ? kpc : keps) * (rk < rkeps ? rk : rkeps);
+        eh[j] = (l > lke ? l : lke) + log1p_unit(ratio);
+        lh[j] = l; ph[j] = pj; kh[j] = kpc; rh[j] = rk;
+    }
+    /* lpk = x - delta carries delta's float rounding delta_lo in every element: removed from the sums exactly
+       (negentropy: sum p = 1) and from the cross terms, via dlo, to first order (ell ~ lpk where p >> eps) */
+    double delta_lo = delta_d - (double)delta;
+    double ng_d = ((double)sl + (double)sul) / (double)K - delta_lo;
+    c->dlo[h] += delta_lo;
+    double pref = 0.0;
+    if (P > 0) {   /* lse over all keys from the patch lse and the few prefix logits, in double */
+        double lse_p = (double)m + log(KS), mx = lse_p, acc;
+        for (int j = 0; j < P; j++) { double s = r[j] > floor ? r[j] : floor; mx = s > mx ? s : mx; }
+        acc = exp(lse_p - mx);
+        for (int j = 0; j < P; j++) acc += exp((double)(r[j] > floor ? r[j] : floor) - mx);
+        double lse_all = mx + log(acc);
+        for (int j = 0; j < P; j++) pref += exp((double)(r[j] > floor ? r[j] : floor) - lse_all);
+    }
+    float e1 = fabsf(su * inv_k);
+    c->err = e1 > c->err ? e1 : c->err;
+    c->dsum[h] += c->renormalize ? (double)dd : (double)dd * (1.0 - pref);
+    c->nsum[h] += ng_d;
+    c->esum[h] += c->logk - ng_d;
+    c->psum[h] += pref;
+    double *restrict ch = ALIGNED(c->colw + (size_t)h * Kp);
+    #pragma omp simd aligned(ch, ph : 64)
+    for (int j = 0; j < Kp; j++) ch[j] += (double)ph[j];
+}
+
+/* cross terms and Jensen-Shannon of one query, all heads' rows in c; per query float32 vectors, added to
+   double vector accumulators (reduced once per image) */
+static void query_pairs(Ctx *c) {
+    const int H = c->H, Kp = c->Kp;
+    for (int h = 0; h < H; h++) {
+        const float *ph = c->p + (size_t)h * Kp;
+        for (int g = 0; g < H; g++) {
+            const float *eg = c->ell + (size_t)g * Kp;
+            vf acc = {0};
+            for (int j = 0; j < Kp; j += VW) acc += vload(ph + j) * vload(eg + j);
+            acc_double(c->crossv + 2 * (h * H + g), acc);
         }
     }
+    if (!c->do_js) return;
+    for (int h = 0; h < H - 1; h++) {
+        const float *restrict ph = ALIGNED(c->p + (size_t)h * Kp), *restrict lh = ALIGNED(c->lpk + (size_t)h * Kp);
+        const float *restrict kh = ALIGNED(c->kp + (size_t)h * Kp), *restrict rh = ALIGNED(c->rkp + (size_t)h * Kp);
+        for (int g = h + 1; g < H; g++) {
+            const float *restrict pg = ALIGNED(c->p + (size_t)g * Kp), *restrict lg = ALIGNED(c->lpk + (size_t)g * Kp);
+            const float *restrict kg = ALIGNED(c->kp + (size_t)g * Kp), *restrict rg = ALIGNED(c->rkp + (size_t)g * Kp);
+            float t[VW];
+            vf acc = {0};
+            for (int j0 = 0; j0 < Kp; j0 += VW) {
+                for (int j = 0; j < VW; j++) {
+                    int q = j0 + j;
+                    float e = (kh[q] < kg[q] ? kh[q] : kg[q]) * (rh[q] < rg[q] ? rh[q] : rg[q]);  /* exp(-|dl|) */
+                    t[j] = (ph[q] + pg[q]) * js_g(0.5f * fabsf(lh[q] - lg[q]), e);
+                }
+                acc += vload(t);
+            }
+            acc_double(c->jsv + 2 * (h * H + g), acc);
+        }
+    }
+}
+
+static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, int renormalize, int do_js,
+                    double *dsum, double *esum, double *nsum, double *psum, double *cross, double *js,
+                    double *colsum) {
+    c->H = H; c->N = N; c->P = P; c->K = N - P; c->Kp = (c->K + VW - 1) / VW * VW;
+    c->renormalize = renormalize; c->do_js = do_js;
+    c->eps = eps; c->lke = logf((float)c->K * eps); c->keps = expf(c->lke); c->inv_k = 1.0f / (float)c->K; c->logk = log((double)c->K);
+    size_t hk = (size_t)H * c->Kp, nvd = (size_t)2 * H * H;
+    size_t hd = (size_t)(H + 15) / 16 * 16;                 /* dlo, padded to keep what follows aligned */
+    size_t zeroed = sizeof(vd) * 2 * nvd + sizeof(double) * (hk + hd);
+    size_t bytes = zeroed + sizeof(float) * (5 * hk + c->Kp + VW + extra_floats);
+    char *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!mem) return 0;
+    memset(mem, 0, zeroed);
+    c->crossv = (vd *)mem; c->jsv = c->crossv + nvd;
+    c->colw = (double *)(c->jsv + nvd);
+    c->dlo = c->colw + hk;
+    float *f = (float *)(c->dlo + hd);
+    c->lpk = f; c->p = f + hk; c->ell = f + 2 * hk; c->kp = f + 3 * hk; c->rkp = f + 4 * hk;
+    c->row = f + 5 * hk;
+    c->dsum = dsum; c->esum = esum; c->nsum = nsum; c->psum = psum; c->cross = cross; c->js = js;
+    c->colsum = colsum; c->err = 0.0f; c->bad = 0;
+    for (int h = 0; h < H; h++) { dsum[h] = esum[h] = nsum[h] = psum[h] = 0.0; }
+    return 1;
+}
+
+static float *ctx_extra(Ctx *c) { return c->row + c->Kp + VW; }
+
+static void ctx_done(Ctx *c, float *rowerr, int *bad) {
+    const int H = c->H, K = c->K, Kp = c->Kp;
     for (int h = 0; h < H; h++)
-        for (int g = 0; g < h; g++) js[h * H + g] = js[g * H + h];
-    *rowerr = err;
-    *bad = isbad;
+        for (int g = 0; g < H; g++) {
+            c->cross[h * H + g] = hsum_d(c->crossv + 2 * (h * H + g)) - c->dlo[g];
+            c->js[h * H + g] = h < g ? 0.5 * hsum_d(c->jsv + 2 * (h * H + g))
+                             : h > g ? 0.5 * hsum_d(c->jsv + 2 * (g * H + h)) : 0.0;
+        }
+    for (int h = 0; h < H; h++) memcpy(c->colsum + (size_t)h * K, c->colw + (size_t)h * Kp, sizeof(double) * K);
+    *rowerr = c->err;
+    *bad = c->bad;
+    free(c->crossv);
+}
+
+/* K rounded up to the kernel's vector width: the distance rows passed in must have this many columns */
+int padded_keys(int K) { return (K + VW - 1) / VW * VW; }
+
+/* From logits: one image, logits (H, nq, N), dist (nq, Kp) zero padded. Returns 0 if out of memory. */
+int image_stats(const float *logits, const float *dist, int H, int nq, int N, int P, float eps,
+                int renormalize, int do_js, double *dsum, double *esum, double *nsum, double *psum,
+                double *cross, double *js, double *colsum, float *rowerr, int *bad) {
+    Ctx c;
+    if (!ctx_init(&c, H, N, P, 0, eps, renormalize, do_js, dsum, esum, nsum, psum, cross, js, colsum)) return 0;
+    for (int i = 0; i < nq; i++) {
+        for (int h = 0; h < H; h++) row_stats(&c, h, logits + ((size_t)h * nq + i) * N, dist + (size_t)i * c.Kp);
+        query_pairs(&c);
+    }
+    ctx_done(&c, rowerr, bad);
+    return 1;
+}
+
+/* From q and k: one image; q[h * qh + i * qi + d] and k[h * kh + j * kj + d] (H heads, N tokens, D dims);
+   optional additive float mask[h * mh + i * mi + j] (mh = 0 broadcasts over heads); the N - P patch queries;
+   dist (N - P, Kp) zero padded. The logits s = scale q.k + mask are formed here, QB queries x all keys at a time,
+   and never leave the cache. Returns 0 if out of memory. */
+int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, long kj, const float *mask, long mh,
+                   long mi, float scale, int D, const float *dist, int H, int N, int P, float eps, int renormalize,
+                   int do_js, double *dsum, double *esum, double *nsum, double *psum, double *cross, double *js,
+                   double *colsum, float *rowerr, int *bad) {
+    Ctx c;
+    const int Np = (N + VW - 1) / VW * VW;
+    if (!ctx_init(&c, H, N, P, H * D * Np + H * QB * Np, eps, renormalize, do_js, dsum, esum, nsum, psum, cross,
+                  js, colsum))
+        return 0;
+    float *kt = ctx_extra(&c);                           /* H x D x Np: k transposed, zero padded */
+    float *S = kt + (size_t)H * D * Np;                  /* H x QB x Np: logits of this query block */
+    for (int h = 0; h < H; h++)
+        for (int d = 0; d < D; d++) {
+            float *row = kt + ((size_t)h * D + d) * Np;
+            for (int j = 0; j < N; j++) row[j] = k[h * kh + j * kj + d];
+            for (int j = N; j < Np; j++) row[j] = 0.0f;
+        }
+    for (int i0 = P; i0 < N; i0 += QB) {
+        int nr = N - i0 < QB ? N - i0 : QB;
+        for (int h = 0; h < H; h++) {
+            float *Sh = S + (size_t)h * QB * Np;
+            qk_rows(q + h * qh + i0 * qi, qi, D, kt + (size_t)h * D * Np, Np, nr, scale, Sh);
+            if (mask)
+                for (int r = 0; r < nr; r++) {
+                    const float *mr = mask + h * mh + (i0 + r) * mi;
+                    float *sr = Sh + (size_t)r * Np;
+                    for (int j = 0; j < N; j++) sr[j] += mr[j];
+                }
+        }
+        for (int r = 0; r < nr; r++) {
+            for (int h = 0; h < H; h++)
+                row_stats(&c, h, S + ((size_t)h * QB + r) * Np, dist + (size_t)(i0 + r - P) * c.Kp);
+            query_pairs(&c);
+        }
+    }
+    ctx_done(&c, rowerr, bad);
+    return 1;
 }
 """
 
 # -O3 and the native ISA for speed; fast-math only at compile time (vectorised expf/logf from libmvec), never at
 # link time (that would link crtfastmath and flush denormals process-wide)
-_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-std=c99"]
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=gnu11"]
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
@@ -225,10 +415,13 @@ def _build() -> ctypes.CDLL:
                     raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[:500]}")
             os.replace(out, so)                              # atomic: a concurrent build just wins or loses
     lib = ctypes.CDLL(str(so))
-    f = lib.image_stats
-    P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    f.argtypes = [P, P, I, I, I, I, F, I, I, P, P, P, P, P, P, P, P, P, P]
-    f.restype = None
+    P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+    lib.image_stats.argtypes = [P, P, I, I, I, I, F, I, I] + [P] * 9
+    lib.image_stats.restype = I
+    lib.image_stats_qk.argtypes = [P, L, L, P, L, L, P, L, L, F, I, P, I, I, I, F, I, I] + [P] * 9
+    lib.image_stats_qk.restype = I
+    lib.padded_keys.argtypes = [I]
+    lib.padded_keys.restype = I
     return lib
 
 
@@ -263,6 +456,52 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return _POOL[1]
 
 
+def _outputs(b: int, H: int, K: int) -> list[torch.Tensor]:
+    f64 = torch.float64
+    return [torch.empty(b, H, dtype=f64) for _ in range(4)] + [
+        torch.empty(b, H, H, dtype=f64), torch.empty(b, H, H, dtype=f64), torch.empty(b, H, K, dtype=f64),
+        torch.empty(b, dtype=torch.float32), torch.zeros(b, dtype=torch.int32)]
+
+
+def _padded_dist(lib: ctypes.CDLL, dist_rows: torch.Tensor, b: int, nq: int, K: int) -> torch.Tensor:
+    """(1 or b, nq, Kp) float32, zero padded to the kernel's key width, from (nq, K) or (b, 1, nq, K)."""
+    Kp = int(lib.padded_keys(K))
+    d = dist_rows.to(torch.float32)
+    d = d.reshape(1, nq, K) if d.dim() == 2 else d.reshape(d.shape[0], nq, K)
+    if d.shape[0] not in (1, b):
+        raise ValueError(f"cpu stats kernel: dist_rows {tuple(dist_rows.shape)} for {b} images")
+    return torch.nn.functional.pad(d, (0, Kp - K)).contiguous()
+
+
+def _run(b: int, call) -> None:
+    """call(i) for every image i, on up to torch.get_num_threads() threads (images are independent: any split gives
+    the same numbers)."""
+    nthreads = max(1, min(torch.get_num_threads(), b))
+    failed: list[int] = []
+
+    def work(t: int) -> None:
+        for i in range(t, b, nthreads):
+            if not call(i):
+                failed.append(i)
+
+    if nthreads == 1:
+        work(0)
+    else:
+        list(_pool(nthreads).map(work, range(nthreads)))
+    if failed:
+        raise MemoryError("cpu stats kernel: out of memory for its work buffers")
+
+
+def _finish(out: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    dsum, esum, nsum, psum, cross, js_mat, colsum, rowerr, bad = out
+    finite = torch.tensor(bool((bad == 0).all()) and bool(torch.isfinite(psum).all()))
+    return dsum, esum, nsum, psum, cross, js_mat, colsum, rowerr.max(), finite
+
+
+def _ptrs(out: list[torch.Tensor], i: int) -> list[int]:
+    return [t[i].data_ptr() for t in out[:7]] + [out[7][i:].data_ptr(), out[8][i:].data_ptr()]
+
+
 def cpu_chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, eps: float,
                            renormalize: bool, js: bool = True) -> tuple[torch.Tensor, ...]:
     """`chunk_sums_tensors` for float32 CPU logits (b, H, nq, N); dist_rows (nq, K) or (b, 1, nq, K)."""
@@ -276,40 +515,67 @@ def cpu_chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_pr
     P = int(num_prefix)
     K = N - P
     x = logits.contiguous()
-    if dist_rows.dim() == 2:
-        dist = dist_rows.to(torch.float32).expand(1, nq, K).contiguous()
-    else:
-        dist = dist_rows.to(torch.float32).reshape(dist_rows.shape[0], nq, K).contiguous()
-        if dist.shape[0] not in (1, b):
-            raise ValueError(f"cpu_chunk_sums_tensors: dist_rows {tuple(dist_rows.shape)} for {b} images")
-    f64 = torch.float64
-    dsum = torch.empty(b, H, dtype=f64)
-    esum = torch.empty(b, H, dtype=f64)
-    nsum = torch.empty(b, H, dtype=f64)
-    psum = torch.empty(b, H, dtype=f64)
-    cross = torch.empty(b, H, H, dtype=f64)
-    js_mat = torch.empty(b, H, H, dtype=f64)
-    colsum = torch.empty(b, H, K, dtype=f64)
-    rowerr = torch.empty(b, dtype=torch.float32)
-    bad = torch.zeros(b, dtype=torch.int32)
-    nthreads = max(1, min(torch.get_num_threads(), b))
-    work = torch.empty(nthreads, H * (N + 4 * K) + N, dtype=torch.float32)
-    per = x.stride(0) * 4
-    dper = dist.stride(0) * 4 if dist.shape[0] > 1 else 0
+    dist = _padded_dist(lib, dist_rows, b, nq, K)
+    out = _outputs(b, H, K)
+    flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
 
-    def run(t: int) -> None:
-        w = work[t].data_ptr()
-        for i in range(t, b, nthreads):     # images are independent: any split gives the same numbers
-            lib.image_stats(x.data_ptr() + i * per, dist.data_ptr() + i * dper, H, nq, N, P, float(eps),
-                            int(renormalize), int(bool(js and H > 1)),
-                            dsum[i].data_ptr(), esum[i].data_ptr(), nsum[i].data_ptr(), psum[i].data_ptr(),
-                            cross[i].data_ptr(), js_mat[i].data_ptr(), colsum[i].data_ptr(),
-                            rowerr[i:].data_ptr(), bad[i:].data_ptr(), w)
+    def call(i: int) -> int:
+        d = dist[i if dist.shape[0] > 1 else 0]
+        return lib.image_stats(x[i].data_ptr(), d.data_ptr(), H, nq, N, P, *flags, *_ptrs(out, i))
 
-    if nthreads == 1:
-        run(0)
-    else:
-        list(_pool(nthreads).map(run, range(nthreads)))
-    finite = torch.tensor(bool((bad == 0).all()) and bool(torch.isfinite(psum).all()))
-    return dsum, esum, nsum, psum, cross, js_mat, colsum, rowerr.max(), finite
+    _run(b, call)
+    return _finish(out)
 
+
+def cpu_qk_sums_tensors(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float,
+                        num_prefix: int, dist_rows: torch.Tensor, eps: float, renormalize: bool,
+                        js: bool = True) -> tuple[torch.Tensor, ...]:
+    """`chunk_sums_tensors` of the logits `scale * q k^T + attn_mask` for the patch queries, without forming them.
+
+    q, k: (b, H, N, D) float32 CPU tensors (any strides; the last dimension is made contiguous); attn_mask None or
+    an additive float mask broadcastable to (b, H, N, N); dist_rows (N - P, K) or (b, 1, N - P, K).
+    """
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the CPU statistics kernel is unavailable: {_ERROR}")
+    for name, t in (("q", q), ("k", k)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4:
+            raise ValueError(f"cpu_qk_sums_tensors: float32 CPU {name} (b, H, N, D), got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if q.shape != k.shape:
+        raise ValueError(f"cpu_qk_sums_tensors: q {tuple(q.shape)} and k {tuple(k.shape)} differ")
+    b, H, N, D = q.shape
+    P = int(num_prefix)
+    K = N - P
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool or not attn_mask.is_floating_point():
+            raise ValueError("cpu_qk_sums_tensors: only additive float masks")
+        mask = attn_mask.to(torch.float32)
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        if mask.shape[0] not in (1, b) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (N, N):
+            raise ValueError(f"cpu_qk_sums_tensors: mask {tuple(attn_mask.shape)} for {b} x {H} x {N} x {N}")
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+    dist = _padded_dist(lib, dist_rows, b, N - P, K)
+    out = _outputs(b, H, K)
+    flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
+    qs, ks = q.stride(), k.stride()
+
+    def call(i: int) -> int:
+        d = dist[i if dist.shape[0] > 1 else 0]
+        if mask is None:
+            mp, mh, mi = None, 0, 0
+        else:
+            m = mask[i if mask.shape[0] > 1 else 0]
+            mp, mh, mi = m.data_ptr(), (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)
+        return lib.image_stats_qk(q[i].data_ptr(), qs[1], qs[2], k[i].data_ptr(), ks[1], ks[2], mp, mh, mi,
+                                  float(scale), D, d.data_ptr(), H, N, P, *flags, *_ptrs(out, i))
+
+    _run(b, call)
+    return _finish(out)
