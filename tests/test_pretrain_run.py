@@ -202,3 +202,19 @@ def test_too_small_dataset_and_flat_folder_for_supervised(tmp_path):
         pretrain(cfg(tmp_path / "b", "supervised", data=str(flat), steps=2, batch_size=1))
     with pytest.raises(MimlabError, match="unknown built-in kind"):
         pretrain(cfg(tmp_path / "c", data="builtin:nope"))
+
+
+def test_crop_scale_option_is_used_recorded_and_validated(tmp_path, capsys):
+    res = pretrain(cfg(tmp_path / "crop", "supervised", steps=2, crop_scale=(0.5, 0.9)))
+    run = json.loads((tmp_path / "crop" / "run.json").read_text())
+    assert res.step == 2 and run["data"]["augmentation"]["random_resized_crop_scale"] == [0.5, 0.9]
+    default = pretrain(cfg(tmp_path / "default", "supervised", steps=1))
+    assert default.run["data"]["augmentation"]["random_resized_crop_scale"] == [0.08, 1.0]
+    for bad in [(0.0, 1.0), (0.9, 0.5), (0.5, 1.5)]:
+        with pytest.raises(MimlabError, match="--crop-scale"):
+            pretrain(cfg(tmp_path / "bad", "supervised", steps=1, crop_scale=bad))
+    with pytest.raises(SystemExit) as exit_info:                  # argparse: usage line + message, exit 2
+        main(["pretrain", "--method", "simmim", "--model", ARCH, "--model-kwargs", KW_TEXT, "--data", DATA,
+              "--out", str(tmp_path / "cli"), "--steps", "1", "--batch-size", "8", "--crop-scale", "0.5",
+              "--no-progress", "--no-tensorboard"])
+    assert exit_info.value.code == 2 and "LOW,HIGH" in capsys.readouterr().err

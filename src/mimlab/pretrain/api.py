@@ -83,6 +83,7 @@ class PretrainConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0
     cutmix: float = 0.0
+    crop_scale: tuple[float, float] | None = None  # RandomResizedCrop area range; None = the method's (CROP_SCALE)
     bad_images: str = "fail"
     log_every: int = 10
     tensorboard: bool = True
@@ -257,6 +258,10 @@ def _pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise MimlabError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
     if cfg.probe_every < 0:
         raise MimlabError("--probe-every must be >= 0")
+    if cfg.crop_scale is not None:
+        cs = tuple(cfg.crop_scale)
+        if len(cs) != 2 or not all(isinstance(v, (int, float)) for v in cs) or not 0 < cs[0] <= cs[1] <= 1:
+            raise MimlabError(f"--crop-scale must be LOW,HIGH with 0 < LOW <= HIGH <= 1, got {cfg.crop_scale}")
     if cfg.threads is not None:
         if cfg.threads < 1:
             raise MimlabError(f"--threads must be >= 1, got {cfg.threads}")
@@ -331,10 +336,11 @@ def _pretrain(cfg: PretrainConfig) -> PretrainResult:
         source = D.FileSource(files, labels)
         data_info = {"kind": "folder", "path": str(spec.path.resolve()), "images": len(source),
                      "classes": num_classes}
-    augment = D.Augment(img_size, D.CROP_SCALE[cfg.method])
+    crop_scale = tuple(cfg.crop_scale) if cfg.crop_scale is not None else D.CROP_SCALE[cfg.method]
+    augment = D.Augment(img_size, crop_scale)
     dataset = D.PretrainDataset(source, augment, target=cfg.method, mask_fn=mask_fn, num_tokens=num_tokens,
                                 bad_images=cfg.bad_images)
-    data_info["augmentation"] = {"random_resized_crop_scale": list(D.CROP_SCALE[cfg.method]),
+    data_info["augmentation"] = {"random_resized_crop_scale": list(crop_scale),
                                  "ratio": [3 / 4, 4 / 3], "hflip": True, "mean": list(D.IMAGENET_MEAN),
                                  "std": list(D.IMAGENET_STD)}
 

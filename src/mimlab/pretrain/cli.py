@@ -21,6 +21,15 @@ def _float_or_none(text: str) -> float | None:
     return None if text.lower() in ("none", "off", "0") else float(text)
 
 
+def _crop_scale(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0.67,1), got '{text}'") from None
+    return lo, hi
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
@@ -68,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--decoder-heads", type=int, default=None, help="mae decoder heads")
     m.add_argument("--no-norm-pix-loss", action="store_true", help="mae: raw-pixel targets")
     m.add_argument("--label-smoothing", type=float, default=0.1)
+    m.add_argument("--crop-scale", type=_crop_scale, default=None, metavar="LOW,HIGH",
+                   help="RandomResizedCrop area range (default: simmim 0.67,1; mae 0.2,1; supervised 0.08,1)")
     m.add_argument("--mixup", type=float, default=0.0, help="supervised: mixup alpha")
     m.add_argument("--cutmix", type=float, default=0.0, help="supervised: cutmix alpha")
     o = p.add_argument_group("input/output")
@@ -93,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         clip_grad=args.clip_grad, ema_decay=args.ema, drop_path=args.drop_path, mask_ratio=args.mask_ratio,
         mask_patch_size=args.mask_patch_size, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         decoder_heads=args.decoder_heads, norm_pix_loss=not args.no_norm_pix_loss,
-        label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, bad_images=args.bad_images,
+        label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, crop_scale=args.crop_scale,
+        bad_images=args.bad_images,
         log_every=args.log_every, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
     res = pretrain(cfg)
     if res.model_path is not None:

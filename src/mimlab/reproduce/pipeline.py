@@ -90,6 +90,8 @@ class Study:
                 "steps": cfg.pretrain_steps, "batch_size": cfg.pretrain_batch_size, "seed": cfg.init_seed,
                 "lr": cfg.pretrain_lr,
                 "precision": cfg.precision, "mask_patch_size": cfg.mask_patch_size}
+        if cfg.pretrain_crop_scale is not None:     # only when set: earlier studies keep their cache keys
+            conf["crop_scale"] = list(cfg.pretrain_crop_scale)
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.pretrain.api import PretrainConfig, pretrain
@@ -99,7 +101,9 @@ class Study:
                                           batch_size=cfg.pretrain_batch_size, seed=cfg.init_seed,
                                           resume=_interrupted(d),
                                           device=self.device, precision=cfg.precision,
-                                          mask_patch_size=cfg.mask_patch_size, progress=self.progress))
+                                          mask_patch_size=cfg.mask_patch_size, progress=self.progress,
+                                          crop_scale=(tuple(cfg.pretrain_crop_scale)
+                                                      if cfg.pretrain_crop_scale is not None else None)))
             run = res.run or {}
             return {"model": str(res.model_path), "steps": res.step, "final_loss": _tail_mean(res.losses),
                     "img_per_s": res.img_per_s, "mask": (run.get("method_config") or {}).get("mask"),
