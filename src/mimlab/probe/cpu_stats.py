@@ -70,6 +70,26 @@ static inline int nonfinite_not_neginf(float x) { /* NaN or +inf (-inf is a mask
     uint32_t u; memcpy(&u, &x, 4); return (u & 0x7f800000u) == 0x7f800000u && u != 0xff800000u;
 }
 
+/* e^x for -87 < x < 88, inline (vectorises without calls): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor
+   polynomial to r^7 (relative error < 6e-9), times 2^n built from the exponent bits */
+static inline float exp_inline(float x) {
+    float n = rintf(x * 1.4426950408889634f);
+    float r = x - n * 0.693145751953125f;                /* ln 2 in two parts: the first exact in float */
+    r = r - n * 1.4286067653e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6.0f + r * (1.0f / 24.0f + r * (1.0f / 120.0f
+              + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)))))));
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* e^x - 1 for |x| < 0.5 by its Taylor series to x^9 (relative error < 3e-10): exact near 0, where e^x - 1 cancels */
+static inline float expm1_small(float x) {
+    return x * (1.0f + x * (0.5f + x * (1.0f / 6.0f + x * (1.0f / 24.0f + x * (1.0f / 120.0f + x * (1.0f / 720.0f
+           + x * (1.0f / 5040.0f + x * (1.0f / 40320.0f + x * (1.0f / 362880.0f)))))))));
+}
+
 /* log1p(r) for 0 <= r <= 1 as 2 atanh(t), t = r / (2 + r) <= 1/3: an odd series to t^15, relative error < 2e-9,
    inline (vectorises to a handful of FMAs and one division) */
 static inline float log1p_unit(float r) {
@@ -145,7 +165,9 @@ typedef struct {
     double *dsum, *esum, *nsum, *psum, *cross, *js, *colsum;
     double *colw;                 /* H x Kp column sums (padded) */
     double *dlo;                  /* H: per head, sum over queries of the float rounding of delta */
-    vd *crossv, *jsv;             /* H x H x 2 vector accumulators */
+    vd *crossv, *jsv;             /* H x H x 2 double vector accumulators */
+    vf *crossf, *jsf;             /* H x H float vector accumulators of the last few queries */
+    int pending;                  /* queries in crossf / jsf */
     float *row;                   /* Kp + VW floats: a padded copy of a row's patch logits */
     float err;
     int bad;
@@ -159,13 +181,14 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     float *restrict sp = c->row;
     float rmax = -INFINITY, pm = -INFINITY;
     int rb = 0;
-    #pragma omp simd reduction(|:rb) reduction(max:rmax)
+    #pragma omp simd simdlen(VW) reduction(|:rb) reduction(max:rmax)
     for (int j = 0; j < N; j++) { rb |= nonfinite_not_neginf(r[j]); rmax = r[j] > rmax ? r[j] : rmax; }
     c->bad |= rb;
     /* -inf (masked) logits -> rowmax - 1e4; a row without a finite logit -> all at -1e4 (uniform) */
-    const float floor = (bad_bits(rmax) ? 0.0f : rmax) + MASKED;
+    /* (an OpenMP max-reduction starts from -FLT_MAX, not -inf: a row of -inf ends at -FLT_MAX) */
+    const float floor = (bad_bits(rmax) || rmax <= -3.0e38f ? 0.0f : rmax) + MASKED;
     float ssum = 0.0f;
-    #pragma omp simd reduction(max:pm) reduction(+:ssum)
+    #pragma omp simd simdlen(VW) reduction(max:pm) reduction(+:ssum)
     for (int j = 0; j < K; j++) {
         float v = r[P + j]; v = v > floor ? v : floor; sp[j] = v; pm = v > pm ? v : pm; ssum += v;
     }
@@ -178,14 +201,16 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     float *restrict eh = ALIGNED(c->ell + (size_t)h * Kp), *restrict kh = ALIGNED(c->kp + (size_t)h * Kp);
     float *restrict rh = ALIGNED(c->rkp + (size_t)h * Kp);
     sp = ALIGNED(sp); drow = ALIGNED(drow);
-    /* pass 1: x = s - m, em = expm1(x); sum_j exp(x_j) = K + S */
+    /* pass 1: x = s - m, ex = exp(x), em = expm1(x) (series near 0, ex - 1 elsewhere); sum_j exp(x_j) = K + S.
+       Below -80, exp(x) is taken as 0 (no denormals). */
     float S = 0.0f;
-    #pragma omp simd reduction(+:S) aligned(sp, lh, ph : 64)
+    #pragma omp simd simdlen(VW) reduction(+:S) aligned(sp, lh, ph, kh : 64)
     for (int j = 0; j < Kp; j++) {
         float x = sp[j] - m;
-        float em = expm1f(x > -30.0f ? x : -30.0f);   /* = -1 in float below; a clamped argument keeps the vector
-                                                         math off its slow path for huge negative inputs */
-        lh[j] = x; ph[j] = em; S += j < K ? em : 0.0f;
+        float ex = exp_inline(x > -80.0f ? x : -80.0f);
+        ex = x > -80.0f ? ex : 0.0f;
+        float em = fabsf(x) < 0.5f ? expm1_small(x) : ex - 1.0f;
+        lh[j] = x; ph[j] = em; kh[j] = ex; S += j < K ? em : 0.0f;
     }
     /* log K p_j = x_j - delta, delta = log1p(S / K);  K p_j = c (1 + em_j) = 1 + u_j, u_j = c em_j + (c - 1),
        c = K / (K + S): u is exact relative to its size near uniform, where the sums below need it */
@@ -194,14 +219,12 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     float delta = (float)delta_d, cf = (float)((double)K / KS), cm1 = (float)(-Sd / KS);
     float su = 0.0f, sl = 0.0f, sul = 0.0f, dd = 0.0f;
     const float lke = c->lke, keps = c->keps, rkeps = 1.0f / keps, inv_k = c->inv_k;
-    #pragma omp simd reduction(+:su, sl, sul, dd) aligned(lh, ph, eh, kh, rh, drow : 64)
+    #pragma omp simd simdlen(VW) reduction(+:su, sl, sul, dd) aligned(lh, ph, eh, kh, rh, drow : 64)
     for (int j = 0; j < Kp; j++) {
         float valid = j < K ? 1.0f : 0.0f;
         float l = lh[j] - delta;
         float u = cf * ph[j] + cm1;
-        float kpe = expf(l > -80.0f ? l : -80.0f);   /* K p, exact in relative terms also when tiny; the clamped
-                                                         argument keeps the vector exp off its slow underflow path */
-        kpe = l > -80.0f ? kpe : 0.0f;
+        float kpe = kh[j] * cf;                     /* K p = e^(x - delta) = e^x c: exact in relative terms */
         /* K p = 1 + u near uniform (|l| < 1: exact to its deviation from 1), exp(l) below (1 + u would have lost
            the digits of a small K p to the rounding of c em ~ -c) */
         int near = l > -1.0f;
@@ -224,13 +247,12 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     double ng_d = ((double)sl + (double)sul) / (double)K - delta_lo;
     c->dlo[h] += delta_lo;
     double pref = 0.0;
-    if (P > 0) {   /* lse over all keys from the patch lse and the few prefix logits, in double */
-        double lse_p = (double)m + log(KS), mx = lse_p, acc;
+    if (P > 0) {   /* prefix mass = sum_j<P e^s_j / (e^lse_patch + sum_j<P e^s_j), in double, shifted by the max */
+        double lse_p = (double)m + log(KS), mx = lse_p, ep;
         for (int j = 0; j < P; j++) { double s = r[j] > floor ? r[j] : floor; mx = s > mx ? s : mx; }
-        acc = exp(lse_p - mx);
-        for (int j = 0; j < P; j++) acc += exp((double)(r[j] > floor ? r[j] : floor) - mx);
-        double lse_all = mx + log(acc);
-        for (int j = 0; j < P; j++) pref += exp((double)(r[j] > floor ? r[j] : floor) - lse_all);
+        for (int j = 0; j < P; j++) pref += exp((double)(r[j] > floor ? r[j] : floor) - mx);
+        ep = exp(lse_p - mx);
+        pref = pref / (pref + ep);
     }
     float e1 = fabsf(su * inv_k);
     c->err = e1 > c->err ? e1 : c->err;
@@ -239,21 +261,33 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     c->esum[h] += c->logk - ng_d;
     c->psum[h] += pref;
     double *restrict ch = ALIGNED(c->colw + (size_t)h * Kp);
-    #pragma omp simd aligned(ch, ph : 64)
+    #pragma omp simd simdlen(VW) aligned(ch, ph : 64)
     for (int j = 0; j < Kp; j++) ch[j] += (double)ph[j];
 }
 
-/* cross terms and Jensen-Shannon of one query, all heads' rows in c; per query float32 vectors, added to
-   double vector accumulators (reduced once per image) */
+/* float vector accumulators -> double (every QB queries, so float sums stay short) */
+static void flush_pairs(Ctx *c) {
+    const int HH = c->H * c->H;
+    for (int t = 0; t < HH; t++) {
+        acc_double(c->crossv + 2 * t, c->crossf[t]);
+        acc_double(c->jsv + 2 * t, c->jsf[t]);
+    }
+    memset(c->crossf, 0, sizeof(vf) * HH);
+    memset(c->jsf, 0, sizeof(vf) * HH);
+    c->pending = 0;
+}
+
+/* cross terms and Jensen-Shannon of one query, all heads' rows in c, into float vector accumulators (lane-wise
+   sums over QB queries, then double; reduced across lanes once per image) */
 static void query_pairs(Ctx *c) {
     const int H = c->H, Kp = c->Kp;
     for (int h = 0; h < H; h++) {
         const float *ph = c->p + (size_t)h * Kp;
         for (int g = 0; g < H; g++) {
             const float *eg = c->ell + (size_t)g * Kp;
-            vf acc = {0};
+            vf acc = c->crossf[h * H + g];
             for (int j = 0; j < Kp; j += VW) acc += vload(ph + j) * vload(eg + j);
-            acc_double(c->crossv + 2 * (h * H + g), acc);
+            c->crossf[h * H + g] = acc;
         }
     }
     if (!c->do_js) return;
@@ -264,7 +298,7 @@ static void query_pairs(Ctx *c) {
             const float *restrict pg = ALIGNED(c->p + (size_t)g * Kp), *restrict lg = ALIGNED(c->lpk + (size_t)g * Kp);
             const float *restrict kg = ALIGNED(c->kp + (size_t)g * Kp), *restrict rg = ALIGNED(c->rkp + (size_t)g * Kp);
             float t[VW];
-            vf acc = {0};
+            vf acc = c->jsf[h * H + g];
             for (int j0 = 0; j0 < Kp; j0 += VW) {
                 for (int j = 0; j < VW; j++) {
                     int q = j0 + j;
@@ -273,9 +307,14 @@ static void query_pairs(Ctx *c) {
                 }
                 acc += vload(t);
             }
-            acc_double(c->jsv + 2 * (h * H + g), acc);
+            c->jsf[h * H + g] = acc;
         }
     }
+}
+
+static void query_done(Ctx *c) {
+    query_pairs(c);
+    if (++c->pending == QB) flush_pairs(c);
 }
 
 static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, int renormalize, int do_js,
@@ -286,13 +325,14 @@ static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, in
     c->eps = eps; c->lke = logf((float)c->K * eps); c->keps = expf(c->lke); c->inv_k = 1.0f / (float)c->K; c->logk = log((double)c->K);
     size_t hk = (size_t)H * c->Kp, nvd = (size_t)2 * H * H;
     size_t hd = (size_t)(H + 15) / 16 * 16;                 /* dlo, padded to keep what follows aligned */
-    size_t zeroed = sizeof(vd) * 2 * nvd + sizeof(double) * (hk + hd);
+    size_t zeroed = sizeof(vd) * 2 * nvd + sizeof(vf) * 2 * H * H + sizeof(double) * (hk + hd);
     size_t bytes = zeroed + sizeof(float) * (5 * hk + c->Kp + VW + extra_floats);
     char *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!mem) return 0;
     memset(mem, 0, zeroed);
     c->crossv = (vd *)mem; c->jsv = c->crossv + nvd;
-    c->colw = (double *)(c->jsv + nvd);
+    c->crossf = (vf *)(c->jsv + nvd); c->jsf = c->crossf + H * H; c->pending = 0;
+    c->colw = (double *)(c->jsf + H * H);
     c->dlo = c->colw + hk;
     float *f = (float *)(c->dlo + hd);
     c->lpk = f; c->p = f + hk; c->ell = f + 2 * hk; c->kp = f + 3 * hk; c->rkp = f + 4 * hk;
@@ -307,6 +347,7 @@ static float *ctx_extra(Ctx *c) { return c->row + c->Kp + VW; }
 
 static void ctx_done(Ctx *c, float *rowerr, int *bad) {
     const int H = c->H, K = c->K, Kp = c->Kp;
+    flush_pairs(c);
     for (int h = 0; h < H; h++)
         for (int g = 0; g < H; g++) {
             c->cross[h * H + g] = hsum_d(c->crossv + 2 * (h * H + g)) - c->dlo[g];
@@ -330,7 +371,7 @@ int image_stats(const float *logits, const float *dist, int H, int nq, int N, in
     if (!ctx_init(&c, H, N, P, 0, eps, renormalize, do_js, dsum, esum, nsum, psum, cross, js, colsum)) return 0;
     for (int i = 0; i < nq; i++) {
         for (int h = 0; h < H; h++) row_stats(&c, h, logits + ((size_t)h * nq + i) * N, dist + (size_t)i * c.Kp);
-        query_pairs(&c);
+        query_done(&c);
     }
     ctx_done(&c, rowerr, bad);
     return 1;
@@ -372,7 +413,7 @@ int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, lo
         for (int r = 0; r < nr; r++) {
             for (int h = 0; h < H; h++)
                 row_stats(&c, h, S + ((size_t)h * QB + r) * Np, dist + (size_t)(i0 + r - P) * c.Kp);
-            query_pairs(&c);
+            query_done(&c);
         }
     }
     ctx_done(&c, rowerr, bad);
