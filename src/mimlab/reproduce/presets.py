@@ -80,11 +80,12 @@ class StudyConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # ~10 minutes on a 2-core CPU including setup: every stage runs, verdicts will mostly be inconclusive
     "quick": {"description": "smoke-scale run of the whole study (minutes on a laptop CPU)"},
-    # ~1 hour on a 2-core CPU: 10x the pretraining, 3 seeds. 20 classes: in 600 steps the supervised model reaches
+    # ~1 hour on a 2-core CPU: 10x the pretraining (2 x ~20 min), 3 seeds x 10 transfer runs of 120 steps (~45 s each;
+    # 300 steps took ~95 s each, 47 min in all). 20 classes: in 600 steps the supervised model reaches
     # 12% held-out top-1 on 20 classes (chance 5%) but only 1.6% on 100 (chance 1%; benchmarks/RESULTS.md)
     "cpu": {"description": "about an hour on a 2-core CPU", "pretrain_steps": 2000, "pretrain_batch_size": 64,
             "pretrain_data": "builtin:fractal-leaves?classes=20&per_class=250&seed=0", "probe_images": 256,
-            "seeds": (0, 1, 2), "transfer_steps": {"classify": 300, "keypoints": 300, "depth": 300, "track": 300},
+            "seeds": (0, 1, 2), "transfer_steps": {"classify": 120, "keypoints": 120, "depth": 120, "track": 120},
             "methods": ("simmim", "supervised"), "transfer_models": ("simmim", "supervised")},
     # a lent H100: ViT-S/16-like at 64 px (8x8 grid... 16x16 with patch 4), ~5 minutes of pretraining per model
     "gpu": {"description": "one GPU, about 5 minutes of pretraining per model", "device": "cuda",
