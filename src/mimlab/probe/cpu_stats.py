@@ -9,13 +9,15 @@ dtypes and formulas), for float32 on the CPU:
 - `cpu_chunk_sums_tensors(logits, ...)` takes logits (for models captured through their softmax).
 Eager torch makes ~20 passes over each (heads x queries x keys) block, plus ~10 per pair of heads for Jensen-Shannon,
 each a trip through memory; this kernel takes one attention row of every head at a time (a few KB, in L1) and does
-all of it there, vectorised (AVX2/AVX-512 through GCC's vector extensions and glibc's vector math library).
+all of it there, vectorised (AVX2/AVX-512 through GCC's vector extensions and `omp simd`, with inline exp and log1p
+polynomials: no libm call inside a row loop).
 
 Formulas, per head and query, with s the logits clamped at `rowmax - 1e4` (-inf = masked), K patch keys and a the
-shift: the mean patch logit (so x = s - a is centred and no sum below cancels for near-uniform rows), at most 60
-below the patch maximum (so exp cannot overflow):
-    em_j = expm1(x_j), S = sum_j em_j (= sum_j exp(x_j) - K), delta = log1p(S / K)            (delta in float64)
-    lpk_j = log(K p_j) = x_j - delta;  K p_j = 1 + u_j, u_j = c em_j + (c - 1), c = K / (K + S)
+shift: the mean patch logit when the row is within 1 of uniform (so x = s - a is small and centred and no sum
+below cancels), else the patch maximum (so x <= 0 is exact near the keys that matter):
+    em_j = expm1(x_j) (series for |x| < 0.5, else e^x - 1), S = sum_j em_j, delta = log1p(S / K)  (delta float64)
+    lpk_j = log(K p_j) = x_j - delta;  K p_j = 1 + u_j, u_j = c em_j + (c - 1), c = K / (K + S) near uniform,
+    K p_j = e^x_j c below (the float rounding of delta is carried as a correction of the sums)
     negent = sum p lpk = (sum lpk + sum u lpk) / K (= log K - entropy; exact relative to its size near uniform)
     dist = sum p D, colsum_j += p_j, prefix = sum_{j<P} exp(s_j - lse_all)
     cross[h, g] += sum_j p_h ell_g,  ell = log(K p + K eps) = max(lpk, log K eps) + log1p(min/max(K p, K eps))
@@ -23,7 +25,8 @@ below the patch maximum (so exp cannot overflow):
 (G by its Taylor series below 0.5, above by log 2 - 2 x e / (1 + e) - log1p(e) with e = exp(-2x) = the ratio of
 the smaller to the larger K p and log1p(e) = 2 atanh(e / (2 + e)) as a short odd series: no transcendental
 function per pair of heads, and no cancellation.) Keys are padded to a multiple of 16 with p = 0, so every loop
-runs on whole vectors. Per-query sums are float32, everything summed over queries float64 (in vector lanes), in a
+runs on whole vectors. Sums over the keys of 4 queries are float32, everything summed over queries float64 (in
+vector lanes), in a
 fixed order (one image per task), so the result does not depend on the number of threads.
 
 The C source is compiled once per machine with the system C compiler (`cc`; GCC or Clang) into a cache folder
