@@ -7,6 +7,8 @@ Each method runs in its own subprocess (so peak memory is its own), on the same 
 - probe_torch: the same with the statistics on the eager torch path (`kernel="torch"`), for comparison;
 - extract:  timm's `AttentionExtract` stores every attention map of a batch, then the metrics are computed
             from the stored maps (attention statistics only, no CKA) — the approach of public notebooks.
+- paired:   forward and probe alternately in one process, the probe/forward time ratio of every round (the VM
+            this was written on changes speed by up to 2x from minute to minute; pairing cancels that).
 Prints images/s (median of repeats), the ratio to the plain forward, peak memory, and the probe's largest
 relative deviation from the float64 reference on the first images.
 
@@ -96,6 +98,18 @@ def run_method(args) -> dict:
         for blk in model.blocks:
             blk.attn.fused_attn = True
 
+    if args.method == "paired":                             # forward and probe alternately, in one process
+        forward()
+        probe_all()
+        ratios = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            forward()
+            t1 = time.perf_counter()
+            probe_all()
+            t2 = time.perf_counter()
+            ratios.append((t2 - t1) / (t1 - t0))
+        return {"method": "paired", "ratios": ratios, "ratio_median": statistics.median(ratios)}
     fn = {"forward": forward, "probe": probe_all, "probe_torch": probe_all, "extract": extract}[args.method]
     fn()                                                    # warm-up (allocator, kernels, fx trace)
     sync(args.device)
@@ -152,7 +166,9 @@ def main() -> None:
     p.add_argument("--no-cka", action="store_true")
     p.add_argument("--stats-kernel", default="auto", choices=["auto", "torch", "triton", "cpu"],
                    help="statistics kernel of the `probe` method (probe_torch always uses the torch path)")
-    p.add_argument("--methods", default="forward,probe,probe_torch,extract")
+    p.add_argument("--methods", default="forward,probe,probe_torch,extract,paired",
+                   help="'paired' times forward and probe alternately in one process: the probe/forward ratio of "
+                        "each round, robust to a machine whose speed drifts between the separate runs")
     p.add_argument("--method", help=argparse.SUPPRESS)          # internal: run one method in this process
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -172,6 +188,11 @@ def main() -> None:
           f"{args.repeats} repeats, device {args.device}, {args.precision}")
     print(f"{'method':12s} {'img/s':>9s} {'time vs fwd':>12s} {'peak MB':>9s} {'max rel err':>12s}")
     for r in results:
+        if r["method"] == "paired":
+            rs = sorted(r["ratios"])
+            print(f"paired: probe / forward in one process, {len(rs)} alternating rounds: median "
+                  f"{r['ratio_median']:.2f}x (range {rs[0]:.2f}-{rs[-1]:.2f})")
+            continue
         ratio = base / r["img_per_s"] if base else float("nan")
         err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
         print(f"{r['method']:12s} {r['img_per_s']:9.1f} {ratio:11.2f}x {r['peak_mb']:9.0f} {err:>12s}")

@@ -35,6 +35,28 @@ def compare(logits: torch.Tensor, dist: torch.Tensor, P: int, *, renormalize: bo
     assert float(got[7]) < 1e-4                                  # row sums before the exact renormalisation
 
 
+def test_js_table_reproduces_float64_G():
+    """The kernel's G(x) = x tanh x - log cosh x (Jensen-Shannon per key) is x^2 Q(x) with Q from a table of
+    per-interval polynomials; evaluated as the kernel does (clamp, interval, s), it matches G computed
+    independently (numpy tanh / log cosh; Taylor series near 0) to 2e-7 relative, near 0 and far out included."""
+    import numpy as np
+
+    tab = cpu_stats.js_table().astype(np.float64)
+    x = np.concatenate([np.geomspace(1e-6, 0.1, 200), np.linspace(0.1, 30.0, 20001)])
+    v = np.minimum(x * (cpu_stats.JS_NI / cpu_stats.JS_XMAX), cpu_stats.JS_NI - 1e-3)
+    k = v.astype(np.int64)
+    s = v - k - 0.5
+    q = np.zeros_like(x)
+    for d in range(cpu_stats.JS_DEG, -1, -1):
+        q = q * s + tab[d][k]
+    xc = v * (cpu_stats.JS_XMAX / cpu_stats.JS_NI)
+    got = xc * xc * q
+    with np.errstate(over="ignore"):
+        want = np.where(x < 1e-2, x**2 / 2 - x**4 / 4 + x**6 / 9, x * np.tanh(x) - np.log(np.cosh(x)))
+    want = np.where(x > 20, math.log(2) - 2 * x * np.exp(-2 * x), want)      # cosh overflows float64 far out
+    assert float(np.max(np.abs(got - want) / want)) < 2e-7
+
+
 @pytest.mark.parametrize("sharp", [0.02, 1.0, 6.0], ids=["near-uniform", "moderate", "sharp"])
 @pytest.mark.parametrize("P", [0, 1, 2])
 def test_matches_float64_torch_path(sharp, P):
@@ -120,6 +142,22 @@ def test_probe_uses_it_on_the_cpu_and_matches_the_torch_path():
             assert la[key] == pytest.approx(lb[key], rel=1e-5, abs=1e-9), key
 
 
+def test_portable_build_without_gcc_shuffles_gives_the_same_numbers(monkeypatch, tmp_path):
+    """The code paths for compilers without GCC's __builtin_shuffle (Clang): per-lane table loads for JS and a
+    scalar transpose of k. Built here with -DMIMLAB_PORTABLE; same sums as the default build."""
+    q, k = _timm_like_qk(2, 3, 1 + 36, 32, 0.7, 11)
+    args = (q, k, None, 0.2, 1, grid_dist(6).float(), 1e-8, True, True)
+    want = cpu_stats.cpu_qk_sums_tensors(*args)
+    monkeypatch.setenv("MIMLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_stats, "_CFLAGS", cpu_stats._CFLAGS + ["-DMIMLAB_PORTABLE"])
+    monkeypatch.setattr(cpu_stats, "_LIB", None)
+    monkeypatch.setattr(cpu_stats, "_ERROR", None)
+    assert cpu_stats.is_available(), cpu_stats.unavailable_reason()
+    got = cpu_stats.cpu_qk_sums_tensors(*args)
+    for name, a, b in zip(NAMES, got[:7], want[:7]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0), name
+
+
 def test_unavailable_compiler_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_stats, "_LIB", None)
     monkeypatch.setattr(cpu_stats, "_ERROR", None)
@@ -163,6 +201,19 @@ def test_qk_entry_matches_float64_reference(sharp, P):
     for name, a, b in zip(NAMES, got, want):
         err = float((a - b).abs().max()) / (float(b.abs().max()) + 1e-300)
         assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("D", [8, 24, 64])
+def test_qk_entry_head_dims_and_key_blocks(D):
+    """k is transposed inside the kernel in 16 x 16 register blocks (head dims a multiple of 16) plus a scalar rest;
+    37 tokens = 3 blocks of 16 keys, the last one partial."""
+    g, P = 6, 1
+    q, k = _timm_like_qk(2, 2, P + g * g, D, 0.3, D)
+    got = cpu_stats.cpu_qk_sums_tensors(q, k, None, D ** -0.5, P, grid_dist(g).float(), 1e-8, True, True)
+    want = _qk_reference(q, k, None, D ** -0.5, P, grid_dist(g))
+    for name, a, b in zip(NAMES, got, want):
+        err = float((a - b).abs().max()) / (float(b.abs().max()) + 1e-300)
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (2, 4), (2, 1), (1, 1)], ids=["bias", "per-image", "per-image-1h", "shared"])

@@ -15,19 +15,20 @@ polynomials: no libm call inside a row loop).
 Formulas, per head and query, with s the logits clamped at `rowmax - 1e4` (-inf = masked), K patch keys and a the
 shift: the mean patch logit when the row is within 1 of uniform (so x = s - a is small and centred and no sum
 below cancels), else the patch maximum (so x <= 0 is exact near the keys that matter):
-    em_j = expm1(x_j) (series for |x| < 0.5, else e^x - 1), S = sum_j em_j, delta = log1p(S / K)  (delta float64)
+    em_j = expm1(x_j) (series for |x| < 0.5 if a = mean, else e^x - 1), S = sum_j em_j, delta = log1p(S / K) (float64)
     lpk_j = log(K p_j) = x_j - delta;  K p_j = 1 + u_j, u_j = c em_j + (c - 1), c = K / (K + S) near uniform,
     K p_j = e^x_j c below (the float rounding of delta is carried as a correction of the sums)
     negent = sum p lpk = (sum lpk + sum u lpk) / K (= log K - entropy; exact relative to its size near uniform)
     dist = sum p D, colsum_j += p_j, prefix = sum_{j<P} exp(s_j - lse_all)
     cross[h, g] += sum_j p_h ell_g,  ell = log(K p + K eps) = max(lpk, log K eps) + log1p(min/max(K p, K eps))
     js[h, g] += 1/2 sum_j (p_h + p_g) G(|lpk_h - lpk_g| / 2),  G(x) = x tanh x - log cosh x
-(G by its Taylor series below 0.5, above by log 2 - 2 x e / (1 + e) - log1p(e) with e = exp(-2x) = the ratio of
-the smaller to the larger K p and log1p(e) = 2 atanh(e / (2 + e)) as a short odd series: no transcendental
-function per pair of heads, and no cancellation.) Keys are padded to a multiple of 16 with p = 0, so every loop
-runs on whole vectors. Sums over the keys of 4 queries are float32, everything summed over queries float64 (in
-vector lanes), in a
-fixed order (one image per task), so the result does not depend on the number of threads.
+(G = x^2 Q(x) with Q = G / x^2 tabulated: a degree-7 polynomial on each of 16 intervals of [0, 10), its coefficients
+picked per lane by a vector permute (`js_table`; relative error < 1e-7, near 0 too, where G ~ x^2 / 2, so no
+cancellation), G = log 2 past 10: no transcendental function and no division per pair of heads.) Keys are padded
+to a multiple of 16 with p = 0, so every loop runs on whole vectors; the padding is masked by a loaded 0/1 vector,
+not by `j < K` (GCC splits a loop at such a test and runs the tail as scalar code: that was 30% of the row time).
+Sums over the keys of 4 queries are float32, everything summed over queries float64 (in vector lanes), in a fixed
+order (one image per task), so the result does not depend on the number of threads.
 
 The C source is compiled once per machine with the system C compiler (`cc`; GCC or Clang) into a cache folder
 (`$MIMLAB_CACHE`, else `~/.cache/mimlab`), keyed by a hash of the source and flags, and loaded with ctypes; the
@@ -101,19 +102,60 @@ static inline float log1p_unit(float r) {
            + t2 * (1.0f / 13.0f + t2 * (1.0f / 15.0f))))))));
 }
 
-/* G(x) = x tanh x - log cosh x for x >= 0, given e = exp(-2x) (computed by the caller without exp) */
-static inline float js_g(float x, float e) {
-    float x2 = x * x;
-    float ser = x2 * (0.5f + x2 * (-0.25f + x2 * (1.0f / 9.0f + x2 * (-17.0f / 360.0f + x2 * (31.0f / 1575.0f
-              + x2 * (-691.0f / 85050.0f + x2 * (10922.0f / 3274425.0f + x2 * (-929569.0f / 681080400.0f))))))));
-    /* x >= 0.5: G = log 2 - 2 x e / (1 + e) - log1p(e), e <= exp(-1); log1p(e) = 2 atanh(t), t = e / (2 + e) */
-    float a = 1.0f / ((1.0f + e) * (2.0f + e));
-    float t = e * (1.0f + e) * a, t2 = t * t;
-    float l1p = 2.0f * t * (1.0f + t2 * (1.0f / 3.0f + t2 * (0.2f + t2 * (1.0f / 7.0f + t2 * (1.0f / 9.0f
-              + t2 * (1.0f / 11.0f))))));
-    float big = 0.6931471805599453f - 2.0f * x * e * (2.0f + e) * a - l1p;
-    return x < 0.5f ? ser : big;
+/*@JS_TABLE@*/
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf vbcast(float x) { return (vf){} + x; }
+
+/* G(x) = x tanh x - log cosh x for x >= 0, VW lanes: G = x^2 Q(x), Q = G / x^2 smooth, on JS_NI intervals of [0,
+   JS_XMAX) by a degree JS_DEG polynomial each (Chebyshev interpolants, relative error < 1e-7; coefficients picked
+   per lane by a vector permute, tab[k] = coefficient k of every interval, in registers); past JS_XMAX, G is log 2
+   to 5e-8 relative and x is clamped there. Relative accuracy near 0 (G ~ x^2 / 2): no cancellation anywhere. */
+static inline vf js_g_vec(vf x, const vf *tab) {
+    vf v = x * (float)(JS_NI / JS_XMAX), lim = vbcast((float)JS_NI - 1e-3f);
+    vi lt = v < lim;
+    v = (vf)((lt & (vi)v) | (~lt & (vi)lim));
+    vi k = __builtin_convertvector(v, vi);
+    vf s = v - __builtin_convertvector(k, vf) - 0.5f;
+#if defined(__clang__) || defined(MIMLAB_PORTABLE)     /* no __builtin_shuffle: per-lane loads */
+    vf cf[JS_DEG + 1];
+    for (int d = 0; d <= JS_DEG; d++)
+        for (int t = 0; t < VW; t++) cf[d][t] = tab[d][k[t]];
+#define JS_COEF(d) cf[d]
+#else
+#define JS_COEF(d) __builtin_shuffle(tab[d], k)
+#endif
+    vf q = JS_COEF(JS_DEG);
+    for (int d = JS_DEG - 1; d >= 0; d--) q = q * s + JS_COEF(d);
+#undef JS_COEF
+    vf xc = v * (float)(JS_XMAX / JS_NI);
+    return xc * xc * q;
 }
+
+/* 16 x 16 transpose in registers (GCC): stage s pairs rows i and i + s and swaps bit s of the row and column
+   indices, so four stages transpose; 64 two-source permutes per 256 floats instead of 256 strided loads */
+#if !defined(__clang__) && !defined(MIMLAB_PORTABLE) && VW == 16
+#define HAVE_TRANSPOSE16 1
+static inline void transpose16(vf r[16]) {
+    static const vi M[8] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+        {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+        {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+        {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+        {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+        {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+        {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+        {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+    };
+    for (int st = 0, sft = 8; st < 4; st++, sft >>= 1)
+        for (int i = 0; i < 16; i++)
+            if (!(i & sft)) {
+                vf a = r[i], b = r[i + sft];
+                r[i] = __builtin_shuffle(a, b, M[2 * st]);
+                r[i + sft] = __builtin_shuffle(a, b, M[2 * st + 1]);
+            }
+}
+#endif
 
 /* S[r][j] = scale * q_r . k_j for r < nr <= QB query rows (row stride qs) and j < Np (kt: D x Np, Np % VW == 0) */
 static void qk_rows(const float *q, long qs, int D, const float *kt, int Np, int nr, float scale, float *S) {
@@ -163,8 +205,8 @@ typedef struct {
     int H, N, K, Kp, P, renormalize, do_js;
     float eps, lke, keps, inv_k;
     double logk;
-    /* per-query per-head rows (H x K): lpk, p, ell, kp (= K p, exact exp), rkp (= 1 / kp) */
-    float *lpk, *p, *ell, *kp, *rkp;
+    /* per-query per-head rows (H x Kp): lpk (= log K p), p, ell, kp (scratch) */
+    float *lpk, *p, *ell, *kp;
     double *dsum, *esum, *nsum, *psum, *cross, *js, *colsum;
     double *colw;                 /* H x Kp column sums (padded) */
     double *dlo;                  /* H: per head, sum over queries of the float rounding of delta */
@@ -172,15 +214,34 @@ typedef struct {
     vf *crossf, *jsf;             /* H x H float vector accumulators of the last few queries */
     int pending;                  /* queries in crossf / jsf */
     float *row;                   /* Kp + VW floats: a padded copy of a row's patch logits */
+    float *valid;                 /* Kp floats: 1 for a key, 0 for padding (a load, not j < K: GCC would split
+                                     every loop at K and run the padding and the remainder as scalar code) */
     float err;
     int bad;
 } Ctx;
+
+/* pass 1 of a row over Kp keys (see row_stats), specialised by the constant `series` (inlined twice) */
+static inline __attribute__((always_inline)) float exp_pass(int Kp, float m, const float *restrict sp,
+                                                            float *restrict lh, float *restrict ph,
+                                                            float *restrict kh, const float *restrict vm,
+                                                            const int series) {
+    float S = 0.0f;
+    #pragma omp simd simdlen(VW) reduction(+:S) aligned(sp, lh, ph, kh, vm : 64)
+    for (int j = 0; j < Kp; j++) {
+        float x = sp[j] - m;
+        float ex = exp_inline(x > -80.0f ? x : -80.0f);
+        ex = x > -80.0f ? ex : 0.0f;
+        float em = series && fabsf(x) < 0.5f ? expm1_small(x) : ex - 1.0f;
+        lh[j] = x; ph[j] = em; kh[j] = ex; S += em * vm[j];
+    }
+    return S;
+}
 
 /* one attention row r (N logits, prefix first) of head h for a query with distance row drow (Kp, zero padded).
    Every loop runs over Kp = K rounded up to VW, so it vectorises without a scalar remainder; lanes j >= K get
    p = 0 and finite values elsewhere, so they add exactly 0 to every sum. */
 static void row_stats(Ctx *c, int h, const float *restrict r, const float *restrict drow) {
-    const int N = c->N, K = c->K, Kp = c->Kp, P = c->P;
+    const int N = c->N, K = c->K, Kp = c->Kp / VW * VW, P = c->P;   /* (a visible multiple of VW: no epilogues) */
     float *restrict sp = c->row;
     float rmax = -INFINITY, pm = -INFINITY;
     int rb = 0;
@@ -202,19 +263,13 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     for (int j = K; j < Kp; j++) sp[j] = pm - 40.0f;            /* padding (p = 0 is set below) */
     float *restrict lh = ALIGNED(c->lpk + (size_t)h * Kp), *restrict ph = ALIGNED(c->p + (size_t)h * Kp);
     float *restrict eh = ALIGNED(c->ell + (size_t)h * Kp), *restrict kh = ALIGNED(c->kp + (size_t)h * Kp);
-    float *restrict rh = ALIGNED(c->rkp + (size_t)h * Kp);
     sp = ALIGNED(sp); drow = ALIGNED(drow);
-    /* pass 1: x = s - m, ex = exp(x), em = expm1(x) (series near 0, ex - 1 elsewhere); sum_j exp(x_j) = K + S.
-       Below -80, exp(x) is taken as 0 (no denormals). */
-    float S = 0.0f;
-    #pragma omp simd simdlen(VW) reduction(+:S) aligned(sp, lh, ph, kh : 64)
-    for (int j = 0; j < Kp; j++) {
-        float x = sp[j] - m;
-        float ex = exp_inline(x > -80.0f ? x : -80.0f);
-        ex = x > -80.0f ? ex : 0.0f;
-        float em = fabsf(x) < 0.5f ? expm1_small(x) : ex - 1.0f;
-        lh[j] = x; ph[j] = em; kh[j] = ex; S += j < K ? em : 0.0f;
-    }
+    const float *restrict vm = ALIGNED(c->valid);
+    /* pass 1: x = s - m, ex = exp(x), em = expm1(x); sum_j exp(x_j) = K + S. Below -80, exp(x) is taken as 0 (no
+       denormals). em by its series near 0 when the row is shifted by its mean (near uniform: u below must keep its
+       relative precision); from the maximum, em = ex - 1 loses nothing (K p = c e^x with c = K / (K + S) >= ~1.3
+       there, so 1 + u = c e^x is only as exact as its float rounding either way) and skips the series. */
+    const float S = m == mean ? exp_pass(Kp, m, sp, lh, ph, kh, vm, 1) : exp_pass(Kp, m, sp, lh, ph, kh, vm, 0);
     /* log K p_j = x_j - delta, delta = log1p(S / K);  K p_j = c (1 + em_j) = 1 + u_j, u_j = c em_j + (c - 1),
        c = K / (K + S): u is exact relative to its size near uniform, where the sums below need it */
     double Sd = (double)S, KS = (double)K + Sd;
@@ -222,9 +277,9 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     float delta = (float)delta_d, cf = (float)((double)K / KS), cm1 = (float)(-Sd / KS);
     float su = 0.0f, sl = 0.0f, sul = 0.0f, dd = 0.0f;
     const float lke = c->lke, keps = c->keps, rkeps = 1.0f / keps, inv_k = c->inv_k;
-    #pragma omp simd simdlen(VW) reduction(+:su, sl, sul, dd) aligned(lh, ph, eh, kh, rh, drow : 64)
+    #pragma omp simd simdlen(VW) reduction(+:su, sl, sul, dd) aligned(lh, ph, eh, kh, drow, vm : 64)
     for (int j = 0; j < Kp; j++) {
-        float valid = j < K ? 1.0f : 0.0f;
+        float valid = vm[j];
         float l = lh[j] - delta;
         float u = cf * ph[j] + cm1;
         float kpe = kh[j] * cf;                     /* K p = e^(x - delta) = e^x c: exact in relative terms */
@@ -242,7 +297,7 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
         /* ell = log(K p + K eps) = max(l, lke) + log1p(exp(-|l - lke|)), exp(-|l - lke|) = min/max ratio */
         float ratio = (kpc < keps ? kpc : keps) * (rk < rkeps ? rk : rkeps);
         eh[j] = (l > lke ? l : lke) + log1p_unit(ratio);
-        lh[j] = l; ph[j] = pj; kh[j] = kpc; rh[j] = rk;
+        lh[j] = l; ph[j] = pj;
     }
     /* lpk = x - delta carries delta's float rounding delta_lo in every element: removed from the sums exactly
        (negentropy: sum p = 1) and from the cross terms, via dlo, to first order (ell ~ lpk where p >> eps) */
@@ -251,11 +306,17 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     c->dlo[h] += delta_lo;
     double pref = 0.0;
     if (P > 0) {   /* prefix mass = sum_j<P e^s_j / (e^lse_patch + sum_j<P e^s_j), in double, shifted by the max */
-        double lse_p = (double)m + log(KS), mx = lse_p, ep;
-        for (int j = 0; j < P; j++) { double s = r[j] > floor ? r[j] : floor; mx = s > mx ? s : mx; }
-        for (int j = 0; j < P; j++) pref += exp((double)(r[j] > floor ? r[j] : floor) - mx);
-        ep = exp(lse_p - mx);
-        pref = pref / (pref + ep);
+        double lse_p = (double)m + c->logk + delta_d;            /* log sum_patches e^s = m + log(K + S) */
+        if (P == 1) {                                            /* sigmoid(s_0 - lse_p), one exp */
+            double z = (double)(r[0] > floor ? r[0] : floor) - lse_p, e = exp(-fabs(z));
+            pref = z >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+        } else {
+            double mx = lse_p, ep;
+            for (int j = 0; j < P; j++) { double s = r[j] > floor ? r[j] : floor; mx = s > mx ? s : mx; }
+            for (int j = 0; j < P; j++) pref += exp((double)(r[j] > floor ? r[j] : floor) - mx);
+            ep = exp(lse_p - mx);
+            pref = pref / (pref + ep);
+        }
     }
     float e1 = fabsf(su * inv_k);
     c->err = e1 > c->err ? e1 : c->err;
@@ -294,21 +355,17 @@ static void query_pairs(Ctx *c) {
         }
     }
     if (!c->do_js) return;
+    vf tab[JS_DEG + 1];
+    for (int d = 0; d <= JS_DEG; d++) tab[d] = vload(JS_TAB[d]);
+    const vi absmask = (vi){} + 0x7fffffff;
     for (int h = 0; h < H - 1; h++) {
         const float *restrict ph = ALIGNED(c->p + (size_t)h * Kp), *restrict lh = ALIGNED(c->lpk + (size_t)h * Kp);
-        const float *restrict kh = ALIGNED(c->kp + (size_t)h * Kp), *restrict rh = ALIGNED(c->rkp + (size_t)h * Kp);
         for (int g = h + 1; g < H; g++) {
             const float *restrict pg = ALIGNED(c->p + (size_t)g * Kp), *restrict lg = ALIGNED(c->lpk + (size_t)g * Kp);
-            const float *restrict kg = ALIGNED(c->kp + (size_t)g * Kp), *restrict rg = ALIGNED(c->rkp + (size_t)g * Kp);
-            float t[VW];
             vf acc = c->jsf[h * H + g];
-            for (int j0 = 0; j0 < Kp; j0 += VW) {
-                for (int j = 0; j < VW; j++) {
-                    int q = j0 + j;
-                    float e = (kh[q] < kg[q] ? kh[q] : kg[q]) * (rh[q] < rg[q] ? rh[q] : rg[q]);  /* exp(-|dl|) */
-                    t[j] = (ph[q] + pg[q]) * js_g(0.5f * fabsf(lh[q] - lg[q]), e);
-                }
-                acc += vload(t);
+            for (int j = 0; j < Kp; j += VW) {     /* x = |log K p_h - log K p_g| / 2 */
+                vf x = (vf)((vi)(vload(lh + j) - vload(lg + j)) & absmask) * 0.5f;
+                acc += (vload(ph + j) + vload(pg + j)) * js_g_vec(x, tab);
             }
             c->jsf[h * H + g] = acc;
         }
@@ -329,7 +386,7 @@ static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, in
     size_t hk = (size_t)H * c->Kp, nvd = (size_t)2 * H * H;
     size_t hd = (size_t)(H + 15) / 16 * 16;                 /* dlo, padded to keep what follows aligned */
     size_t zeroed = sizeof(vd) * 2 * nvd + sizeof(vf) * 2 * H * H + sizeof(double) * (hk + hd);
-    size_t bytes = zeroed + sizeof(float) * (5 * hk + c->Kp + VW + extra_floats);
+    size_t bytes = zeroed + sizeof(float) * (4 * hk + 2 * c->Kp + VW + extra_floats);
     char *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!mem) return 0;
     memset(mem, 0, zeroed);
@@ -338,8 +395,10 @@ static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, in
     c->colw = (double *)(c->jsf + H * H);
     c->dlo = c->colw + hk;
     float *f = (float *)(c->dlo + hd);
-    c->lpk = f; c->p = f + hk; c->ell = f + 2 * hk; c->kp = f + 3 * hk; c->rkp = f + 4 * hk;
-    c->row = f + 5 * hk;
+    c->lpk = f; c->p = f + hk; c->ell = f + 2 * hk; c->kp = f + 3 * hk;
+    c->valid = f + 4 * hk;
+    for (int j = 0; j < c->Kp; j++) c->valid[j] = j < c->K ? 1.0f : 0.0f;
+    c->row = c->valid + c->Kp;
     c->dsum = dsum; c->esum = esum; c->nsum = nsum; c->psum = psum; c->cross = cross; c->js = js;
     c->colsum = colsum; c->err = 0.0f; c->bad = 0;
     for (int h = 0; h < H; h++) { dsum[h] = esum[h] = nsum[h] = psum[h] = 0.0; }
@@ -395,11 +454,23 @@ int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, lo
         return 0;
     float *kt = ctx_extra(&c);                           /* H x D x Np: k transposed, zero padded */
     float *S = kt + (size_t)H * D * Np;                  /* H x QB x Np: logits of this query block */
-    for (int h = 0; h < H; h++)
-        for (int d = 0; d < D; d++) {
-            float *row = kt + ((size_t)h * D + d) * Np;
-            for (int j = 0; j < N; j++) row[j] = k[h * kh + j * kj + d];
-            for (int j = N; j < Np; j++) row[j] = 0.0f;
+    for (int h = 0; h < H; h++)                           /* in blocks of VW keys: each key's D floats are read
+                                                             contiguously (k rows are far apart in timm's qkv) */
+        for (int j0 = 0; j0 < Np; j0 += VW) {
+            int d0 = 0;
+#ifdef HAVE_TRANSPOSE16
+            for (; d0 + 16 <= D; d0 += 16) {
+                vf r[16];
+                for (int i = 0; i < 16; i++)
+                    r[i] = j0 + i < N ? vload(k + h * kh + (j0 + i) * kj + d0) : (vf){};
+                transpose16(r);
+                for (int t = 0; t < 16; t++) vstore(kt + ((size_t)h * D + d0 + t) * Np + j0, r[t]);
+            }
+#endif
+            for (int d = d0; d < D; d++) {
+                float *row = kt + ((size_t)h * D + d) * Np + j0;
+                for (int j = 0; j < VW; j++) row[j] = j0 + j < N ? k[h * kh + (j0 + j) * kj + d] : 0.0f;
+            }
         }
     for (int i0 = P; i0 < N; i0 += QB) {
         int nr = N - i0 < QB ? N - i0 : QB;
@@ -423,6 +494,50 @@ int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, lo
     return 1;
 }
 """
+
+# The Jensen-Shannon function G(x) = x tanh x - log cosh x, tabulated for the kernel as G = x^2 Q(x): Q on JS_NI
+# intervals of [0, JS_XMAX), a degree-JS_DEG polynomial on each (the Chebyshev interpolant in float64, written in
+# powers of s = x / w - k - 1/2, s in [-1/2, 1/2)). Max relative error of Q with float32 coefficients: 6e-8
+# (tests/test_cpu_stats.py checks the table against float64 G).
+JS_XMAX, JS_NI, JS_DEG = 10.0, 16, 7
+
+
+def js_g_over_x2(x):
+    """Q(x) = G(x) / x^2 in float64, G(x) = x tanh x - log cosh x = log 2 - 2 x e / (1 + e) - log1p(e), e = exp(-2x);
+    by its Taylor series below 0.1 (G = x^2/2 - x^4/4 + x^6/9 - 17 x^8/360 + ...)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-2 * x)
+    x2 = x * x
+    g = np.log(2) - 2 * x * e / (1 + e) - np.log1p(e)
+    ser = 0.5 + x2 * (-0.25 + x2 * (1 / 9 + x2 * (-17 / 360 + x2 * (31 / 1575 + x2 * (-691 / 85050 + x2 * (
+        10922 / 3274425 + x2 * (-929569 / 681080400)))))))
+    return np.where(x < 0.1, ser, g / np.maximum(x2, 1e-300))
+
+
+def js_table():
+    """(JS_DEG + 1, JS_NI) float32: row d = coefficient of s^d for every interval."""
+    import numpy as np
+    from numpy.polynomial import chebyshev as C
+
+    w, n = JS_XMAX / JS_NI, JS_DEG + 1
+    nodes = np.cos(np.pi * (np.arange(n) + 0.5) / n)
+    tab = np.empty((n, JS_NI))
+    for k in range(JS_NI):
+        cheb = C.chebfit(nodes, js_g_over_x2((k + 0.5 + nodes / 2) * w), JS_DEG)   # interpolant in t = 2 s
+        tab[:, k] = C.cheb2poly(cheb) * 2.0 ** np.arange(n)
+    return tab.astype(np.float32)
+
+
+def _js_table_c() -> str:
+    rows = ",\n    ".join("{" + ", ".join(f"{float(v)!r}f" for v in row) + "}" for row in js_table())
+    return (f"#define JS_NI {JS_NI}\n#define JS_DEG {JS_DEG}\n#define JS_XMAX {JS_XMAX!r}f\n"
+            f"static const float JS_TAB[JS_DEG + 1][JS_NI] __attribute__((aligned(64))) = {{\n    {rows}}};\n")
+
+
+_SOURCE = _SOURCE.replace("/*@JS_TABLE@*/\n", _js_table_c())
+
 
 # -O3 and the native ISA for speed; fast-math only at compile time (vectorised expf/logf from libmvec), never at
 # link time (that would link crtfastmath and flush denormals process-wide)
