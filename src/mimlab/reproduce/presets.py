@@ -27,7 +27,7 @@ class StudyConfig:
     init_seed: int = 0
     # pretraining (identical budget for every method)
     pretrain_data: str = "builtin:fractal-leaves?classes=20&per_class=200&seed=0"
-    pretrain_steps: int = 150
+    pretrain_steps: int = 120
     pretrain_batch_size: int = 64
     pretrain_lr: float | None = 8e-3          # base lr per 512 images (None: each method's official value, which
     #                                           suits hundreds of epochs, not a few hundred steps)
@@ -46,8 +46,8 @@ class StudyConfig:
     # transfer
     tasks: tuple[str, ...] = ("classify", "keypoints", "depth", "track")
     seeds: tuple[int, ...] = (0,)
-    transfer_steps: dict[str, int] = field(default_factory=lambda: {"classify": 40, "keypoints": 40,
-                                                                     "depth": 40, "track": 40})
+    transfer_steps: dict[str, int] = field(default_factory=lambda: {"classify": 30, "keypoints": 30,
+                                                                     "depth": 30, "track": 30})
     transfer_batch_size: int = 32
     transfer_models: tuple[str, ...] = ("simmim", "supervised")  # labels; "random" and "mae" are allowed
     ablation_blocks: int = 2                 # drop the last K blocks (C6); 0 = no ablation
@@ -79,8 +79,9 @@ class StudyConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~10 minutes on a 2-core CPU including setup: every stage runs, verdicts will mostly be inconclusive
-    # make demo's budget is 10 minutes from a fresh clone, setup included: 150 pretraining steps and 40-step transfer
-    # runs (measured 524 s with 200 and 60 steps in a slow hour of the 2-core VM, ~2 min setup on top: too close)
+    # make demo's budget is 10 minutes from a fresh clone, setup included (~2.3 min of it): 120 pretraining steps and
+    # 30-step transfer runs. Measured on the 2-core VM: 524 s for the study alone with 200 and 60 steps in a slow
+    # hour (too close); 7.0 min fresh-clone total with 150 and 40 in a fast one; the VM varies by up to 1.8x
     "quick": {"description": "smoke-scale run of the whole study (minutes on a laptop CPU)"},
     # ~1 hour on a 2-core CPU: 10x the pretraining (2 x ~20 min), 3 seeds x 10 transfer runs of 120 steps (~45 s each;
     # 300 steps took ~95 s each, 47 min in all). 20 classes: in 600 steps the supervised model reaches
