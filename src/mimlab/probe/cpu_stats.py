@@ -32,7 +32,8 @@ order (one image per task), so the result does not depend on the number of threa
 
 The C source is compiled once per machine with the system C compiler (`cc`; GCC or Clang) into a cache folder
 (`$MIMLAB_CACHE`, else `~/.cache/mimlab`), keyed by a hash of the source and flags, and loaded with ctypes; the
-calls release the GIL, so images run in parallel on Python threads. Compiled with `-ffast-math` for the vector
+calls release the GIL, so images run in parallel on Python threads (the q/k entry: one call per thread for every
+n-th image of the batch, and a work buffer kept per thread). Compiled with `-ffast-math` for the vector
 math, but linked without it (so the process's floating-point mode is left alone); NaN/inf are detected on the
 bit patterns, which fast-math cannot optimise away. If no compiler is found, `is_available()` is False and the
 probe uses the torch path.
@@ -377,6 +378,23 @@ static void query_done(Ctx *c) {
     if (++c->pending == QB) flush_pairs(c);
 }
 
+/* The calling thread's work buffer, grown when needed and kept: a fresh allocation per call (hundreds of KB, so
+   mmap'ed, page-faulted in and unmapped again) cost as much as the transpose of k, and more on two threads. */
+static __thread char *tl_buf;
+static __thread size_t tl_cap;
+
+static char *work_buffer(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes > tl_cap) {
+        char *mem = aligned_alloc(64, bytes);
+        if (!mem) return NULL;
+        free(tl_buf);
+        tl_buf = mem;
+        tl_cap = bytes;
+    }
+    return tl_buf;
+}
+
 static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, int renormalize, int do_js,
                     double *dsum, double *esum, double *nsum, double *psum, double *cross, double *js,
                     double *colsum) {
@@ -387,7 +405,7 @@ static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, in
     size_t hd = (size_t)(H + 15) / 16 * 16;                 /* dlo, padded to keep what follows aligned */
     size_t zeroed = sizeof(vd) * 2 * nvd + sizeof(vf) * 2 * H * H + sizeof(double) * (hk + hd);
     size_t bytes = zeroed + sizeof(float) * (4 * hk + 2 * c->Kp + VW + extra_floats);
-    char *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    char *mem = work_buffer(bytes);
     if (!mem) return 0;
     memset(mem, 0, zeroed);
     c->crossv = (vd *)mem; c->jsv = c->crossv + nvd;
@@ -419,7 +437,6 @@ static void ctx_done(Ctx *c, float *rowerr, int *bad) {
     for (int h = 0; h < H; h++) memcpy(c->colsum + (size_t)h * K, c->colw + (size_t)h * Kp, sizeof(double) * K);
     *rowerr = c->err;
     *bad = c->bad;
-    free(c->crossv);
 }
 
 /* K rounded up to the kernel's vector width: the distance rows passed in must have this many columns */
@@ -491,6 +508,25 @@ int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, lo
         }
     }
     ctx_done(&c, rowerr, bad);
+    return 1;
+}
+
+/* image_stats_qk for images i0, i0 + step, ... < b of a batch, one call per thread (a ctypes call per image cost
+   ~70 us of Python and GIL time, ~10% of the whole kernel). Strides in floats; mb = 0 and db = 0 broadcast the
+   mask and the distances. Outputs are contiguous per image: (b, H) sums, (b, H, H) cross and js, (b, H, N - P)
+   column sums, (b) row-sum errors and flags. Returns 0 if an image ran out of memory. */
+int batch_stats_qk(int i0, int step, int b, const float *q, long qb, long qh, long qi, const float *k, long kb,
+                   long kh, long kj, const float *mask, long mb, long mh, long mi, float scale, int D,
+                   const float *dist, long db, int H, int N, int P, float eps, int renormalize, int do_js,
+                   double *dsum, double *esum, double *nsum, double *psum, double *cross, double *js,
+                   double *colsum, float *rowerr, int *bad) {
+    const long K = N - P, HH = (long)H * H;
+    for (int i = i0; i < b; i += step)
+        if (!image_stats_qk(q + i * qb, qh, qi, k + i * kb, kh, kj, mask ? mask + i * mb : NULL, mh, mi, scale, D,
+                            dist + i * db, H, N, P, eps, renormalize, do_js, dsum + (long)i * H, esum + (long)i * H,
+                            nsum + (long)i * H, psum + (long)i * H, cross + i * HH, js + i * HH,
+                            colsum + (long)i * H * K, rowerr + i, bad + i))
+            return 0;
     return 1;
 }
 """
@@ -579,6 +615,8 @@ def _build() -> ctypes.CDLL:
     lib.image_stats.restype = I
     lib.image_stats_qk.argtypes = [P, L, L, P, L, L, P, L, L, F, I, P, I, I, I, F, I, I] + [P] * 9
     lib.image_stats_qk.restype = I
+    lib.batch_stats_qk.argtypes = [I, I, I, P, L, L, L, P, L, L, L, P, L, L, L, F, I, P, L, I, I, I, F, I, I] + [P] * 9
+    lib.batch_stats_qk.restype = I
     lib.padded_keys.argtypes = [I]
     lib.padded_keys.restype = I
     return lib
@@ -725,16 +763,22 @@ def cpu_qk_sums_tensors(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tenso
     out = _outputs(b, H, K)
     flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
     qs, ks = q.stride(), k.stride()
+    if mask is None:
+        mp, mb, mh, mi = None, 0, 0, 0
+    else:
+        mp, mi = mask.data_ptr(), mask.stride(2)
+        mb = mask.stride(0) if mask.shape[0] > 1 else 0
+        mh = mask.stride(1) if mask.shape[1] > 1 else 0
+    db = dist.stride(0) if dist.shape[0] > 1 else 0
+    ptrs = [t.data_ptr() for t in out]
+    nthreads = max(1, min(torch.get_num_threads(), b))
 
-    def call(i: int) -> int:
-        d = dist[i if dist.shape[0] > 1 else 0]
-        if mask is None:
-            mp, mh, mi = None, 0, 0
-        else:
-            m = mask[i if mask.shape[0] > 1 else 0]
-            mp, mh, mi = m.data_ptr(), (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)
-        return lib.image_stats_qk(q[i].data_ptr(), qs[1], qs[2], k[i].data_ptr(), ks[1], ks[2], mp, mh, mi,
-                                  float(scale), D, d.data_ptr(), H, N, P, *flags, *_ptrs(out, i))
+    def work(t: int) -> int:                        # images t, t + nthreads, ... in one C call
+        return lib.batch_stats_qk(t, nthreads, b, q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), ks[0], ks[1],
+                                  ks[2], mp, mb, mh, mi, float(scale), D, dist.data_ptr(), db, H, N, P, *flags,
+                                  *ptrs)
 
-    _run(b, call)
+    ok = [work(0)] if nthreads == 1 else list(_pool(nthreads).map(work, range(nthreads)))
+    if not all(ok):
+        raise MemoryError("cpu stats kernel: out of memory for its work buffers")
     return _finish(out)
