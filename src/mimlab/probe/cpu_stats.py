@@ -15,7 +15,7 @@ polynomials: no libm call inside a row loop).
 Formulas, per head and query, with s the logits clamped at `rowmax - 1e4` (-inf = masked), K patch keys and a the
 shift: the mean patch logit when the row is within 1 of uniform (so x = s - a is small and centred and no sum
 below cancels), else the patch maximum (so x <= 0 is exact near the keys that matter):
-    em_j = expm1(x_j) (series for |x| < 0.5 if a = mean, else e^x - 1), S = sum_j em_j, delta = log1p(S / K) (float64)
+    em_j = expm1(x_j) (series for |x| < 0.5, else e^x - 1), S = sum_j em_j, delta = log1p(S / K)  (delta float64)
     lpk_j = log(K p_j) = x_j - delta;  K p_j = 1 + u_j, u_j = c em_j + (c - 1), c = K / (K + S) near uniform,
     K p_j = e^x_j c below (the float rounding of delta is carried as a correction of the sums)
     negent = sum p lpk = (sum lpk + sum u lpk) / K (= log K - entropy; exact relative to its size near uniform)
@@ -221,23 +221,6 @@ typedef struct {
     int bad;
 } Ctx;
 
-/* pass 1 of a row over Kp keys (see row_stats), specialised by the constant `series` (inlined twice) */
-static inline __attribute__((always_inline)) float exp_pass(int Kp, float m, const float *restrict sp,
-                                                            float *restrict lh, float *restrict ph,
-                                                            float *restrict kh, const float *restrict vm,
-                                                            const int series) {
-    float S = 0.0f;
-    #pragma omp simd simdlen(VW) reduction(+:S) aligned(sp, lh, ph, kh, vm : 64)
-    for (int j = 0; j < Kp; j++) {
-        float x = sp[j] - m;
-        float ex = exp_inline(x > -80.0f ? x : -80.0f);
-        ex = x > -80.0f ? ex : 0.0f;
-        float em = series && fabsf(x) < 0.5f ? expm1_small(x) : ex - 1.0f;
-        lh[j] = x; ph[j] = em; kh[j] = ex; S += em * vm[j];
-    }
-    return S;
-}
-
 /* one attention row r (N logits, prefix first) of head h for a query with distance row drow (Kp, zero padded).
    Every loop runs over Kp = K rounded up to VW, so it vectorises without a scalar remainder; lanes j >= K get
    p = 0 and finite values elsewhere, so they add exactly 0 to every sum. */
@@ -266,11 +249,17 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     float *restrict eh = ALIGNED(c->ell + (size_t)h * Kp), *restrict kh = ALIGNED(c->kp + (size_t)h * Kp);
     sp = ALIGNED(sp); drow = ALIGNED(drow);
     const float *restrict vm = ALIGNED(c->valid);
-    /* pass 1: x = s - m, ex = exp(x), em = expm1(x); sum_j exp(x_j) = K + S. Below -80, exp(x) is taken as 0 (no
-       denormals). em by its series near 0 when the row is shifted by its mean (near uniform: u below must keep its
-       relative precision); from the maximum, em = ex - 1 loses nothing (K p = c e^x with c = K / (K + S) >= ~1.3
-       there, so 1 + u = c e^x is only as exact as its float rounding either way) and skips the series. */
-    const float S = m == mean ? exp_pass(Kp, m, sp, lh, ph, kh, vm, 1) : exp_pass(Kp, m, sp, lh, ph, kh, vm, 0);
+    /* pass 1: x = s - m, ex = exp(x), em = expm1(x) (series near 0, ex - 1 elsewhere); sum_j exp(x_j) = K + S.
+       Below -80, exp(x) is taken as 0 (no denormals). */
+    float S = 0.0f;
+    #pragma omp simd simdlen(VW) reduction(+:S) aligned(sp, lh, ph, kh, vm : 64)
+    for (int j = 0; j < Kp; j++) {
+        float x = sp[j] - m;
+        float ex = exp_inline(x > -80.0f ? x : -80.0f);
+        ex = x > -80.0f ? ex : 0.0f;
+        float em = fabsf(x) < 0.5f ? expm1_small(x) : ex - 1.0f;
+        lh[j] = x; ph[j] = em; kh[j] = ex; S += em * vm[j];
+    }
     /* log K p_j = x_j - delta, delta = log1p(S / K);  K p_j = c (1 + em_j) = 1 + u_j, u_j = c em_j + (c - 1),
        c = K / (K + S): u is exact relative to its size near uniform, where the sums below need it */
     double Sd = (double)S, KS = (double)K + Sd;
@@ -378,8 +367,7 @@ static void query_done(Ctx *c) {
     if (++c->pending == QB) flush_pairs(c);
 }
 
-/* The calling thread's work buffer, grown when needed and kept: a fresh allocation per call (hundreds of KB, so
-   mmap'ed, page-faulted in and unmapped again) cost as much as the transpose of k, and more on two threads. */
+/* The calling thread's work buffer (a few hundred KB), grown when needed and kept for the thread's next image. */
 static __thread char *tl_buf;
 static __thread size_t tl_cap;
 
@@ -512,7 +500,7 @@ int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, lo
 }
 
 /* image_stats_qk for images i0, i0 + step, ... < b of a batch, one call per thread (a ctypes call per image cost
-   ~70 us of Python and GIL time, ~10% of the whole kernel). Strides in floats; mb = 0 and db = 0 broadcast the
+   ~70 us of Python and GIL time: 5-8% of the whole kernel). Strides in floats; mb = 0 and db = 0 broadcast the
    mask and the distances. Outputs are contiguous per image: (b, H) sums, (b, H, H) cross and js, (b, H, N - P)
    column sums, (b) row-sum errors and flags. Returns 0 if an image ran out of memory. */
 int batch_stats_qk(int i0, int step, int b, const float *q, long qb, long qh, long qi, const float *k, long kb,
