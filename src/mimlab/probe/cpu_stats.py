@@ -206,7 +206,7 @@ typedef struct {
     int H, N, K, Kp, P, renormalize, do_js;
     float eps, lke, keps, inv_k;
     double logk;
-    /* per-query per-head rows (H x Kp): lpk (= log K p), p, ell, kp (scratch) */
+    /* per-query per-head rows (H x Kp): lpk (= log K p), p, ell; kp: Kp floats of scratch (e^x of one row) */
     float *lpk, *p, *ell, *kp;
     double *dsum, *esum, *nsum, *psum, *cross, *js, *colsum;
     double *colw;                 /* H x Kp column sums (padded) */
@@ -246,7 +246,7 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     const float m = pm - mean <= 1.0f ? mean : pm;
     for (int j = K; j < Kp; j++) sp[j] = pm - 40.0f;            /* padding (p = 0 is set below) */
     float *restrict lh = ALIGNED(c->lpk + (size_t)h * Kp), *restrict ph = ALIGNED(c->p + (size_t)h * Kp);
-    float *restrict eh = ALIGNED(c->ell + (size_t)h * Kp), *restrict kh = ALIGNED(c->kp + (size_t)h * Kp);
+    float *restrict eh = ALIGNED(c->ell + (size_t)h * Kp), *restrict kh = ALIGNED(c->kp);
     sp = ALIGNED(sp); drow = ALIGNED(drow);
     const float *restrict vm = ALIGNED(c->valid);
     /* pass 1: x = s - m, ex = exp(x), em = expm1(x) (series near 0, ex - 1 elsewhere); sum_j exp(x_j) = K + S.
@@ -392,7 +392,7 @@ static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, in
     size_t hk = (size_t)H * c->Kp, nvd = (size_t)2 * H * H;
     size_t hd = (size_t)(H + 15) / 16 * 16;                 /* dlo, padded to keep what follows aligned */
     size_t zeroed = sizeof(vd) * 2 * nvd + sizeof(vf) * 2 * H * H + sizeof(double) * (hk + hd);
-    size_t bytes = zeroed + sizeof(float) * (4 * hk + 2 * c->Kp + VW + extra_floats);
+    size_t bytes = zeroed + sizeof(float) * (3 * hk + 3 * c->Kp + VW + extra_floats);
     char *mem = work_buffer(bytes);
     if (!mem) return 0;
     memset(mem, 0, zeroed);
@@ -402,7 +402,7 @@ static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, in
     c->dlo = c->colw + hk;
     float *f = (float *)(c->dlo + hd);
     c->lpk = f; c->p = f + hk; c->ell = f + 2 * hk; c->kp = f + 3 * hk;
-    c->valid = f + 4 * hk;
+    c->valid = c->kp + c->Kp;
     for (int j = 0; j < c->Kp; j++) c->valid[j] = j < c->K ? 1.0f : 0.0f;
     c->row = c->valid + c->Kp;
     c->dsum = dsum; c->esum = esum; c->nsum = nsum; c->psum = psum; c->cross = cross; c->js = js;
@@ -448,10 +448,10 @@ int image_stats(const float *logits, const float *dist, int H, int nq, int N, in
    optional additive float mask[h * mh + i * mi + j] (mh = 0 broadcasts over heads); the N - P patch queries;
    dist (N - P, Kp) zero padded. The logits s = scale q.k + mask are formed here, QB queries x all keys at a time,
    and never leave the cache. Returns 0 if out of memory. */
-int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, long kj, const float *mask, long mh,
-                   long mi, float scale, int D, const float *dist, int H, int N, int P, float eps, int renormalize,
-                   int do_js, double *dsum, double *esum, double *nsum, double *psum, double *cross, double *js,
-                   double *colsum, float *rowerr, int *bad) {
+static int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, long kj, const float *mask,
+                          long mh, long mi, float scale, int D, const float *dist, int H, int N, int P, float eps,
+                          int renormalize, int do_js, double *dsum, double *esum, double *nsum, double *psum,
+                          double *cross, double *js, double *colsum, float *rowerr, int *bad) {
     Ctx c;
     const int Np = (N + VW - 1) / VW * VW;
     if (!ctx_init(&c, H, N, P, H * D * Np + H * QB * Np, eps, renormalize, do_js, dsum, esum, nsum, psum, cross,
@@ -601,8 +601,6 @@ def _build() -> ctypes.CDLL:
     P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
     lib.image_stats.argtypes = [P, P, I, I, I, I, F, I, I] + [P] * 9
     lib.image_stats.restype = I
-    lib.image_stats_qk.argtypes = [P, L, L, P, L, L, P, L, L, F, I, P, I, I, I, F, I, I] + [P] * 9
-    lib.image_stats_qk.restype = I
     lib.batch_stats_qk.argtypes = [I, I, I, P, L, L, L, P, L, L, L, P, L, L, L, F, I, P, L, I, I, I, F, I, I] + [P] * 9
     lib.batch_stats_qk.restype = I
     lib.padded_keys.argtypes = [I]
@@ -658,22 +656,15 @@ def _padded_dist(lib: ctypes.CDLL, dist_rows: torch.Tensor, b: int, nq: int, K: 
     return torch.nn.functional.pad(d, (0, Kp - K)).contiguous()
 
 
-def _run(b: int, call) -> None:
-    """call(i) for every image i, on up to torch.get_num_threads() threads (images are independent: any split gives
-    the same numbers)."""
+def _run(b: int, work) -> None:
+    """work(t, n) for t < n, n = up to torch.get_num_threads() threads, each doing images t, t + n, ... (images are
+    independent: any split gives the same numbers); work returns false if it ran out of memory."""
     nthreads = max(1, min(torch.get_num_threads(), b))
-    failed: list[int] = []
-
-    def work(t: int) -> None:
-        for i in range(t, b, nthreads):
-            if not call(i):
-                failed.append(i)
-
     if nthreads == 1:
-        work(0)
+        ok = [work(0, 1)]
     else:
-        list(_pool(nthreads).map(work, range(nthreads)))
-    if failed:
+        ok = list(_pool(nthreads).map(lambda t: work(t, nthreads), range(nthreads)))
+    if not all(ok):
         raise MemoryError("cpu stats kernel: out of memory for its work buffers")
 
 
@@ -704,11 +695,14 @@ def cpu_chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_pr
     out = _outputs(b, H, K)
     flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
 
-    def call(i: int) -> int:
-        d = dist[i if dist.shape[0] > 1 else 0]
-        return lib.image_stats(x[i].data_ptr(), d.data_ptr(), H, nq, N, P, *flags, *_ptrs(out, i))
+    def work(t: int, n: int) -> bool:
+        ok = True
+        for i in range(t, b, n):
+            d = dist[i if dist.shape[0] > 1 else 0]
+            ok &= bool(lib.image_stats(x[i].data_ptr(), d.data_ptr(), H, nq, N, P, *flags, *_ptrs(out, i)))
+        return ok
 
-    _run(b, call)
+    _run(b, work)
     return _finish(out)
 
 
@@ -759,14 +753,10 @@ def cpu_qk_sums_tensors(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tenso
         mh = mask.stride(1) if mask.shape[1] > 1 else 0
     db = dist.stride(0) if dist.shape[0] > 1 else 0
     ptrs = [t.data_ptr() for t in out]
-    nthreads = max(1, min(torch.get_num_threads(), b))
 
-    def work(t: int) -> int:                        # images t, t + nthreads, ... in one C call
-        return lib.batch_stats_qk(t, nthreads, b, q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), ks[0], ks[1],
-                                  ks[2], mp, mb, mh, mi, float(scale), D, dist.data_ptr(), db, H, N, P, *flags,
-                                  *ptrs)
+    def work(t: int, n: int) -> int:                # images t, t + n, ... in one C call
+        return lib.batch_stats_qk(t, n, b, q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), ks[0], ks[1], ks[2], mp,
+                                  mb, mh, mi, float(scale), D, dist.data_ptr(), db, H, N, P, *flags, *ptrs)
 
-    ok = [work(0)] if nthreads == 1 else list(_pool(nthreads).map(work, range(nthreads)))
-    if not all(ok):
-        raise MemoryError("cpu stats kernel: out of memory for its work buffers")
+    _run(b, work)
     return _finish(out)
