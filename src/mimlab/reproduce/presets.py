@@ -78,10 +78,10 @@ class StudyConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~10 minutes on a 2-core CPU including setup: every stage runs, verdicts will mostly be inconclusive
-    # make demo's budget is 10 minutes from a fresh clone, setup included (~2.3 min of it): 120 pretraining steps and
-    # 30-step transfer runs. Measured on the 2-core VM: 524 s for the study alone with 200 and 60 steps in a slow
-    # hour (too close); 7.0 min fresh-clone total with 150 and 40 in a fast one; the VM varies by up to 1.8x
+    # make demo: at most 10 minutes on a 2-core CPU from a fresh clone, setup (~2 min) included; every stage runs,
+    # verdicts are inconclusive at this scale. Measured on the 2-core VM: 524 s for the study alone with 200
+    # pretraining / 60 transfer steps in a slow hour (too close); fresh-clone totals 7.0 min with 150 / 40 and
+    # 6.2 min with these 120 / 30; the VM's speed varies by up to 1.8x
     "quick": {"description": "smoke-scale run of the whole study (minutes on a laptop CPU)"},
     # ~1 hour on a 2-core CPU: 10x the pretraining (2 x ~20 min), 3 seeds x 10 transfer runs of 120 steps (~45 s each;
     # 300 steps took ~95 s each, 47 min in all). 20 classes: in 600 steps the supervised model reaches
