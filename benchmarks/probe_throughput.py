@@ -8,7 +8,8 @@ Each method runs in its own subprocess (so peak memory is its own), on the same 
 - extract:  timm's `AttentionExtract` stores every attention map of a batch, then the metrics are computed
             from the stored maps (attention statistics only, no CKA) — the approach of public notebooks.
 - paired:   forward and probe alternately in one process, the probe/forward time ratio of every round (the VM
-            this was written on changes speed by up to 2x from minute to minute; pairing cancels that).
+            this was written on changes speed by up to 2x from minute to minute; pairing cancels that), in
+            alternating order (forward first in even rounds, probe first in odd ones).
 Prints images/s (median of repeats), the ratio to the plain forward, peak memory, and the probe's largest
 relative deviation from the float64 reference on the first images.
 
@@ -102,15 +103,17 @@ def run_method(args) -> dict:
         forward()
         probe_all()
         ratios, tf, tp = [], [], []
-        for _ in range(args.repeats):
+        for r in range(args.repeats):       # the order flips every round: what runs second is not favoured
+            first, second = (forward, probe_all) if r % 2 == 0 else (probe_all, forward)
             t0 = time.perf_counter()
-            forward()
+            first()
             t1 = time.perf_counter()
-            probe_all()
+            second()
             t2 = time.perf_counter()
-            tf.append(t1 - t0)
-            tp.append(t2 - t1)
-            ratios.append((t2 - t1) / (t1 - t0))
+            f, p = (t1 - t0, t2 - t1) if r % 2 == 0 else (t2 - t1, t1 - t0)
+            tf.append(f)
+            tp.append(p)
+            ratios.append(p / f)
         # the machine's slow spells only ever add time: the fastest repeat of each is its least disturbed one
         return {"method": "paired", "ratios": ratios, "ratio_median": statistics.median(ratios),
                 "ratio_of_minima": min(tp) / min(tf), "forward_s": tf, "probe_s": tp}

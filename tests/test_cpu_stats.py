@@ -241,3 +241,87 @@ def test_qk_entry_flags_bad_values_and_refuses_bool_masks():
     with pytest.raises(ValueError, match="additive float"):
         cpu_stats.cpu_qk_sums_tensors(k, k, torch.ones(5, 5, dtype=torch.bool), 0.5, 1, grid_dist(2).float(),
                                       1e-8, True, True)
+
+
+def test_qk_entry_same_numbers_on_an_openmp_team_or_our_threads(monkeypatch, one_thread):
+    """The batch entry runs its image sets on an OpenMP team (torch's runtime) when the build has OpenMP, else one
+    set per thread of our pool; one thread or two: bitwise the same sums."""
+    assert cpu_stats._lib().has_openmp() == 1            # GCC here: the team path is the one under test
+    q, k = _timm_like_qk(5, 3, 1 + 16, 8, 1.5, 4)
+    args = (q, k, None, 0.3, 1, grid_dist(4).float(), 1e-8, True, True)
+    serial = cpu_stats.cpu_qk_sums_tensors(*args)          # one thread: one set, one call
+    torch.set_num_threads(2)
+    team = cpu_stats.cpu_qk_sums_tensors(*args)
+    real = cpu_stats._LIB
+
+    class NoOpenMP:                                        # the library as a build without OpenMP reports itself
+        def __getattr__(self, name):
+            return (lambda: 0) if name == "has_openmp" else getattr(real, name)
+
+    monkeypatch.setattr(cpu_stats, "_LIB", NoOpenMP())
+    pool = cpu_stats.cpu_qk_sums_tensors(*args)
+    for name, a, b, c in zip(NAMES, serial, team, pool):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+def test_build_without_openmp_runs_serially_with_the_same_numbers(monkeypatch, tmp_path, one_thread):
+    """A compiler without OpenMP (e.g. Clang without libomp): the -fopenmp-simd build, whose batch entries run one
+    set per call on our own threads; same sums, and the failed OpenMP build is remembered, not retried."""
+    q, k = _timm_like_qk(3, 2, 1 + 9, 16, 0.8, 5)
+    args = (q, k, None, 0.25, 1, grid_dist(3).float(), 1e-8, True, True)
+    want = cpu_stats.cpu_qk_sums_tensors(*args)
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) + 3
+    gram_want = cpu_stats.cpu_feature_gram(x)
+    monkeypatch.setenv("MIMLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_stats, "_LIB", None)
+    monkeypatch.setattr(cpu_stats, "_ERROR", None)
+    monkeypatch.setattr(cpu_stats, "_OPENMP_FLAGS", (["-fopenmp", "-include", "no/such/header.h"], ["-fopenmp-simd"]))
+    assert cpu_stats.is_available(), cpu_stats.unavailable_reason()
+    assert cpu_stats._LIB.has_openmp() == 0
+    assert len(list((tmp_path / "cpu_stats").glob("*.failed"))) == 1
+    torch.set_num_threads(2)
+    got = cpu_stats.cpu_qk_sums_tensors(*args)
+    for name, a, b in zip(NAMES, got[:7], want[:7]):
+        assert torch.equal(a, b), name
+    g, musq = cpu_stats.cpu_feature_gram(x)
+    assert torch.equal(g, gram_want[0]) and torch.equal(musq, gram_want[1])
+
+
+@pytest.mark.parametrize("n,d", [(1, 7), (3, 5), (4, 64), (5, 1000), (32, 4099), (37, 300)])
+def test_feature_gram_kernel_matches_float64(n, d):
+    """The C Gram of batch-centred features (CKA): float64 products of the float32-centred features. Against
+    float64 centring and products: off by the float32 rounding of the centred values only (features with a large
+    common offset, as residual streams have), and symmetric with the parts added in a fixed order."""
+    from mimlab.probe.api import feature_gram
+
+    g = torch.Generator().manual_seed(n * 1000 + d)
+    x = torch.randn(n, d, generator=g) * torch.rand(d, generator=g) * 3 + 50
+    xd = x.double()
+    xc = xd - xd.mean(0)
+    want = xc @ xc.T
+    got, musq = cpu_stats.cpu_feature_gram(x)
+    scale = float(want.diagonal().max()) + float(xd.mean(0).square().sum()) * 1e-7
+    assert float((got - want).abs().max()) <= 2e-6 * scale
+    assert torch.equal(got, got.T)
+    assert abs(float(musq) - float(xd.mean(0).square().sum())) <= 1e-6 * float(xd.mean(0).square().sum())
+    for path in (feature_gram(x, kernel=True), feature_gram(x)):   # the probe's function, both ways: same bound
+        assert float((path - want).abs().max()) <= 2e-6 * scale
+
+
+def test_feature_gram_kernel_strided_input_zero_variance_and_non_finite(one_thread):
+    from mimlab.probe.api import feature_gram
+
+    base = torch.randn(50, 8, generator=torch.Generator().manual_seed(2))
+    x = base.T                                             # (8, 50), columns not contiguous
+    assert torch.allclose(feature_gram(x, kernel=True), feature_gram(x.contiguous()), rtol=1e-6, atol=1e-9)
+    same = torch.randn(1, 300).expand(6, 300) + 7.0        # every image identical: no variance -> all-zero Gram
+    assert torch.equal(feature_gram(same, kernel=True), torch.zeros(6, 6, dtype=torch.float64))
+    bad = torch.randn(6, 300)
+    bad[2, 123] = float("nan")
+    assert not bool(torch.isfinite(feature_gram(bad, kernel=True)).all())
+    bad[2, 123] = float("inf")
+    assert not bool(torch.isfinite(feature_gram(bad, kernel=True)).all())
+    a = cpu_stats.cpu_feature_gram(base.T.contiguous() + 3)
+    torch.set_num_threads(2)
+    b = cpu_stats.cpu_feature_gram(base.T.contiguous() + 3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])      # threads do not change the sum order

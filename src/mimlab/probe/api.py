@@ -29,7 +29,7 @@ CKA_FEATURES = ("flatten", "mean", "cls")
 ZERO_VARIANCE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
-def feature_gram(feats: torch.Tensor) -> torch.Tensor:
+def feature_gram(feats: torch.Tensor, kernel: bool = False) -> torch.Tensor:
     """The linear Gram matrix (float64) of one batch's CKA features (n, ...), after subtracting the batch mean.
 
     The unbiased HSIC is exactly invariant to adding one vector to every sample, so centring changes nothing
@@ -38,16 +38,25 @@ def feature_gram(feats: torch.Tensor) -> torch.Tensor:
     mean need not be exact: float32 features are centred in float32 (no float64 copy of the raw features), and
     only the centred values, exact to float32 rounding of themselves, are multiplied in float64. Features identical
     for every image of the batch give an all-zero Gram: their HSIC is exactly 0, so CKA with them is 0/0 = NaN
-    (undefined) rather than a ratio of rounding errors. Non-finite features give a non-finite Gram."""
+    (undefined) rather than a ratio of rounding errors. Non-finite features give a non-finite Gram.
+
+    `kernel=True` computes the same with the fused C kernel (`cpu_stats.cpu_feature_gram`) for float32 CPU features:
+    one pass over the features, no float32 and float64 copies (~3x faster for ViT-S block outputs)."""
     x = feats.reshape(feats.shape[0], -1)
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    mu = x.mean(0, keepdim=True)
-    xc = (x - mu).to(torch.float64)
-    g = xc @ xc.T
+    if kernel and x.dtype == torch.float32 and x.device.type == "cpu":
+        from mimlab.probe.cpu_stats import cpu_feature_gram
+
+        g, musq = cpu_feature_gram(x)
+    else:
+        mu = x.mean(0, keepdim=True)
+        xc = (x - mu).to(torch.float64)
+        g = xc @ xc.T
+        musq = mu.to(torch.float64).square().sum()
     # ||x||^2 = ||x - mu||^2 + n ||mu||^2: the zero-variance test costs no extra pass over the features
     centred = g.diagonal().sum()
-    total = centred + x.shape[0] * mu.to(torch.float64).square().sum()
+    total = centred + x.shape[0] * musq
     if bool(centred <= ZERO_VARIANCE_RTOL[x.dtype] ** 2 * total):     # also False for NaN: then g is returned
         return torch.zeros_like(g)
     return g
@@ -146,6 +155,12 @@ class _ModelProbe:
                                   f"({cpu_stats.unavailable_reason()})")
         elif cfg.kernel == "cpu":
             raise MimlabError("--stats-kernel cpu needs the CPU, float32 statistics and no --compile")
+        # the CKA Grams through the C kernel wherever the statistics may use it (not with --stats-kernel torch)
+        self.gram_kernel = False
+        if torch.device(device).type == "cpu" and cfg.kernel in ("auto", "cpu"):
+            from mimlab.probe import cpu_stats
+
+            self.gram_kernel = cpu_stats.is_available()
         if cfg.cka_features == "cls" and self.adapter.num_prefix == 0:
             raise MimlabError(f"{pm.label}: --cka-features cls needs a prefix token; this model has none")
 
@@ -309,7 +324,7 @@ class _ModelProbe:
         def hook(module, args, output):
             x = self.adapter.tokens(output)
             if self.cfg.cka and self.cfg.cka_features == "flatten":
-                gram = feature_gram(x)          # non-finite iff x has a NaN/inf: no separate pass over x
+                gram = feature_gram(x, self.gram_kernel)   # non-finite iff x has a NaN/inf: no separate pass over x
                 finite = bool(torch.isfinite(gram).all())
             else:                               # one reduction; the exact test only when it is not finite
                 gram = None
@@ -321,7 +336,7 @@ class _ModelProbe:
             if gram is None:
                 P = self.adapter.num_prefix
                 feats = x[:, P:].mean(1) if self.cfg.cka_features == "mean" else x[:, 0]
-                gram = feature_gram(feats)
+                gram = feature_gram(feats, self.gram_kernel)
             self.batch_grams[index] = gram
         return hook
 

@@ -1,6 +1,7 @@
-"""A fused CPU kernel for the probe's attention statistics: `chunk_sums_tensors` in one pass of compiled C.
+"""Fused CPU kernels for the probe: the attention statistics (`chunk_sums_tensors` in one pass of compiled C) and
+the float64 Gram matrices of CKA (`cpu_feature_gram`).
 
-Two entry points return exactly what `mimlab.probe.attention_stats.chunk_sums_tensors` returns (same tuple, shapes,
+Two entry points for the attention statistics return exactly what `mimlab.probe.attention_stats.chunk_sums_tensors` returns (same tuple, shapes,
 dtypes and formulas), for float32 on the CPU:
 - `cpu_qk_sums_tensors(q, k, attn_mask, scale, ...)` takes what the model hands to scaled_dot_product_attention
   and forms the logits `s = scale q.k + mask` itself, a block of 4 queries x all keys at a time, in registers and
@@ -15,28 +16,38 @@ polynomials: no libm call inside a row loop).
 Formulas, per head and query, with s the logits clamped at `rowmax - 1e4` (-inf = masked), K patch keys and a the
 shift: the mean patch logit when the row is within 1 of uniform (so x = s - a is small and centred and no sum
 below cancels), else the patch maximum (so x <= 0 is exact near the keys that matter):
-    em_j = expm1(x_j) (series for |x| < 0.5, else e^x - 1), S = sum_j em_j, delta = log1p(S / K)  (delta float64)
+    em_j = expm1(x_j) (e^x and e^x - 1 from one polynomial, exact near 0), S = sum_j em_j, delta = log1p(S / K)
     lpk_j = log(K p_j) = x_j - delta;  K p_j = 1 + u_j, u_j = c em_j + (c - 1), c = K / (K + S) near uniform,
     K p_j = e^x_j c below (the float rounding of delta is carried as a correction of the sums)
     negent = sum p lpk = (sum lpk + sum u lpk) / K (= log K - entropy; exact relative to its size near uniform)
     dist = sum p D, colsum_j += p_j, prefix = sum_{j<P} exp(s_j - lse_all)
     cross[h, g] += sum_j p_h ell_g,  ell = log(K p + K eps) = max(lpk, log K eps) + log1p(min/max(K p, K eps))
     js[h, g] += 1/2 sum_j (p_h + p_g) G(|lpk_h - lpk_g| / 2),  G(x) = x tanh x - log cosh x
-(G = x^2 Q(x) with Q = G / x^2 tabulated: a degree-7 polynomial on each of 16 intervals of [0, 10), its coefficients
-picked per lane by a vector permute (`js_table`; relative error < 1e-7, near 0 too, where G ~ x^2 / 2, so no
-cancellation), G = log 2 past 10: no transcendental function and no division per pair of heads.) Keys are padded
+(G = x^2 Q(x) with Q = G / x^2 tabulated: a degree-5 polynomial on each of 32 intervals of [0, 10), its coefficients
+picked per lane by a two-register vector permute (`js_table`; relative error < 1e-7, near 0 too, where G ~ x^2 / 2,
+so no cancellation), G = log 2 past 10: no transcendental function and no division per pair of heads.) Keys are padded
 to a multiple of 16 with p = 0, so every loop runs on whole vectors; the padding is masked by a loaded 0/1 vector,
 not by `j < K` (GCC splits a loop at such a test and runs the tail as scalar code: that was 30% of the row time).
 Sums over the keys of 4 queries are float32, everything summed over queries float64 (in vector lanes), in a fixed
 order (one image per task), so the result does not depend on the number of threads.
 
+The CKA Gram (`cpu_feature_gram`): G = Xc Xc^T in float64, Xc = X - column means (centred in float32, as
+`mimlab.probe.api.feature_gram` does with torch), one pass over X in L1-sized column chunks, 4 x 4 row tiles in
+registers, the column range split into 8 fixed parts added in order (so the number of threads does not change the
+sum). torch's version writes a float32 and a float64 copy of X (19 MB per ViT-S block and batch of 32) and reads
+them back: ~3x slower.
+
 The C source is compiled once per machine with the system C compiler (`cc`; GCC or Clang) into a cache folder
-(`$MIMLAB_CACHE`, else `~/.cache/mimlab`), keyed by a hash of the source and flags, and loaded with ctypes; the
-calls release the GIL, so images run in parallel on Python threads (the q/k entry: one call per thread for every
-n-th image of the batch, and a work buffer kept per thread). Compiled with `-ffast-math` for the vector
-math, but linked without it (so the process's floating-point mode is left alone); NaN/inf are detected on the
-bit patterns, which fast-math cannot optimise away. If no compiler is found, `is_available()` is False and the
-probe uses the torch path.
+(`$MIMLAB_CACHE`, else `~/.cache/mimlab`), keyed by a hash of the source and flags, and loaded with ctypes. With
+OpenMP (GCC) the batch entries (`batch_stats_qk`, `gram_parts`) run on an OpenMP team of torch's thread count:
+the library links `libgomp.so.1`, which in a process with torch's GNU OpenMP is torch's own runtime, so the worker
+threads that spin-wait after each of torch's parallel regions take the work at once. Threads of our own competed
+with those spinning threads for the cores: ~3% of the whole probe on 2 cores. Without OpenMP (Clang without libomp,
+found by trying), the entries run one image set per call on a pool of Python threads (the calls release the GIL);
+the logits entry always does. A work buffer is kept per thread. Compiled with `-ffast-math` for the vector math,
+but linked without it (so the process's floating-point mode is left alone); NaN/inf are detected on the bit
+patterns, which fast-math cannot optimise away. If no compiler is found, `is_available()` is False and the probe
+uses the torch path.
 """
 from __future__ import annotations
 
@@ -75,32 +86,33 @@ static inline int nonfinite_not_neginf(float x) { /* NaN or +inf (-inf is a mask
     uint32_t u; memcpy(&u, &x, 4); return (u & 0x7f800000u) == 0x7f800000u && u != 0xff800000u;
 }
 
-/* e^x for -87 < x < 88, inline (vectorises without calls): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor
-   polynomial to r^7 (relative error < 6e-9), times 2^n built from the exponent bits */
-static inline float exp_inline(float x) {
-    float n = rintf(x * 1.4426950408889634f);
+/* e^x and e^x - 1 for -87 < x < 88 from one polynomial, inline (vectorises without calls): x = n ln 2 + r with
+   n = 0 for |x| < 1/2, else the nearest integer to x / ln 2 (|r| <= ln 2 / 2); e^r - 1 = r + r^2/2 + ... by its
+   Taylor polynomial to r^8 (relative error < 1.4e-8 for |r| <= 1/2); then with s = 2^n (built from the exponent
+   bits) e^x = s (e^r - 1) + s, and e^x - 1 is the polynomial itself for |x| < 1/2 (where subtracting 1 from e^x
+   would cancel), e^x - 1 beyond (nothing cancels there). (Not s (e^r - 1) + (s - 1) for every x: fast-math may
+   reassociate that into e^x - 1.) */
+static inline void exp_expm1(float x, float *ex, float *em) {
+    const int small = fabsf(x) < 0.5f;
+    float n = small ? 0.0f : rintf(x * 1.4426950408889634f);
     float r = x - n * 0.693145751953125f;                /* ln 2 in two parts: the first exact in float */
     r = r - n * 1.4286067653e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6.0f + r * (1.0f / 24.0f + r * (1.0f / 120.0f
-              + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)))))));
+    float pm = r * (1.0f + r * (0.5f + r * (1.0f / 6.0f + r * (1.0f / 24.0f + r * (1.0f / 120.0f + r * (1.0f / 720.0f
+               + r * (1.0f / 5040.0f + r * (1.0f / 40320.0f))))))));
     int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
+    float s;
+    memcpy(&s, &bits, 4);
+    *ex = s * pm + s;
+    *em = small ? pm : *ex - 1.0f;
 }
 
-/* e^x - 1 for |x| < 0.5 by its Taylor series to x^9 (relative error < 3e-10): exact near 0, where e^x - 1 cancels */
-static inline float expm1_small(float x) {
-    return x * (1.0f + x * (0.5f + x * (1.0f / 6.0f + x * (1.0f / 24.0f + x * (1.0f / 120.0f + x * (1.0f / 720.0f
-           + x * (1.0f / 5040.0f + x * (1.0f / 40320.0f + x * (1.0f / 362880.0f)))))))));
-}
-
-/* log1p(r) for 0 <= r <= 1 as 2 atanh(t), t = r / (2 + r) <= 1/3: an odd series to t^15, relative error < 2e-9,
-   inline (vectorises to a handful of FMAs and one division) */
-static inline float log1p_unit(float r) {
-    float t = r / (2.0f + r), t2 = t * t;
-    return 2.0f * t * (1.0f + t2 * (1.0f / 3.0f + t2 * (0.2f + t2 * (1.0f / 7.0f + t2 * (1.0f / 9.0f + t2 * (1.0f / 11.0f
-           + t2 * (1.0f / 13.0f + t2 * (1.0f / 15.0f))))))));
+/* log1p(a / b) for 0 <= a <= b as 2 atanh(t), t = a / (a + 2 b) <= 1/3 (one division, not two: a / b, then
+   r / (2 + r)): an odd series to t^15, relative error < 2e-9, inline. (Estrin's scheme for the series, shorter
+   dependency chains, measured 13% slower for the whole kernel than Horner's.) */
+static inline float log1p_ratio(float a, float b) {
+    float t = a / (a + 2.0f * b), u = t * t;
+    return 2.0f * t * (1.0f + u * (1.0f / 3.0f + u * (0.2f + u * (1.0f / 7.0f + u * (1.0f / 9.0f + u * (1.0f / 11.0f
+           + u * (1.0f / 13.0f + u * (1.0f / 15.0f))))))));
 }
 
 /*@JS_TABLE@*/
@@ -110,8 +122,10 @@ static inline vf vbcast(float x) { return (vf){} + x; }
 
 /* G(x) = x tanh x - log cosh x for x >= 0, VW lanes: G = x^2 Q(x), Q = G / x^2 smooth, on JS_NI intervals of [0,
    JS_XMAX) by a degree JS_DEG polynomial each (Chebyshev interpolants, relative error < 1e-7; coefficients picked
-   per lane by a vector permute, tab[k] = coefficient k of every interval, in registers); past JS_XMAX, G is log 2
-   to 5e-8 relative and x is clamped there. Relative accuracy near 0 (G ~ x^2 / 2): no cancellation anywhere. */
+   per lane by a vector permute from JS_NV registers per degree: tab[d * JS_NV + v] = coefficient d of intervals
+   v VW ... v VW + VW - 1); past JS_XMAX, G is log 2 to 5e-8 relative and x is clamped there. Relative accuracy
+   near 0 (G ~ x^2 / 2): no cancellation anywhere. */
+#define JS_NV (JS_NI / VW)
 static inline vf js_g_vec(vf x, const vf *tab) {
     vf v = x * (float)(JS_NI / JS_XMAX), lim = vbcast((float)JS_NI - 1e-3f);
     vi lt = v < lim;
@@ -120,11 +134,16 @@ static inline vf js_g_vec(vf x, const vf *tab) {
     vf s = v - __builtin_convertvector(k, vf) - 0.5f;
 #if defined(__clang__) || defined(MIMLAB_PORTABLE)     /* no __builtin_shuffle: per-lane loads */
     vf cf[JS_DEG + 1];
+    (void)tab;
     for (int d = 0; d <= JS_DEG; d++)
-        for (int t = 0; t < VW; t++) cf[d][t] = tab[d][k[t]];
+        for (int t = 0; t < VW; t++) cf[d][t] = JS_TAB[d][k[t]];
 #define JS_COEF(d) cf[d]
-#else
+#elif JS_NV == 1
 #define JS_COEF(d) __builtin_shuffle(tab[d], k)
+#elif JS_NV == 2                                       /* two-source permutes (vpermt2ps): 32 intervals */
+#define JS_COEF(d) __builtin_shuffle(tab[2 * (d)], tab[2 * (d) + 1], k)
+#else
+#error "JS_NI must be VW or 2 VW"
 #endif
     vf q = JS_COEF(JS_DEG);
     for (int d = JS_DEG - 1; d >= 0; d--) q = q * s + JS_COEF(d);
@@ -249,15 +268,15 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     float *restrict eh = ALIGNED(c->ell + (size_t)h * Kp), *restrict kh = ALIGNED(c->kp);
     sp = ALIGNED(sp); drow = ALIGNED(drow);
     const float *restrict vm = ALIGNED(c->valid);
-    /* pass 1: x = s - m, ex = exp(x), em = expm1(x) (series near 0, ex - 1 elsewhere); sum_j exp(x_j) = K + S.
-       Below -80, exp(x) is taken as 0 (no denormals). */
+    /* pass 1: x = s - m, ex = exp(x), em = expm1(x); sum_j exp(x_j) = K + S. Below -80, exp(x) is taken as 0 and
+       expm1(x) as -1 (no denormals). */
     float S = 0.0f;
     #pragma omp simd simdlen(VW) reduction(+:S) aligned(sp, lh, ph, kh, vm : 64)
     for (int j = 0; j < Kp; j++) {
-        float x = sp[j] - m;
-        float ex = exp_inline(x > -80.0f ? x : -80.0f);
+        float x = sp[j] - m, ex, em;
+        exp_expm1(x > -80.0f ? x : -80.0f, &ex, &em);
         ex = x > -80.0f ? ex : 0.0f;
-        float em = fabsf(x) < 0.5f ? expm1_small(x) : ex - 1.0f;
+        em = x > -80.0f ? em : -1.0f;
         lh[j] = x; ph[j] = em; kh[j] = ex; S += em * vm[j];
     }
     /* log K p_j = x_j - delta, delta = log1p(S / K);  K p_j = c (1 + em_j) = 1 + u_j, u_j = c em_j + (c - 1),
@@ -266,7 +285,7 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     double delta_d = log1p(Sd / (double)K);
     float delta = (float)delta_d, cf = (float)((double)K / KS), cm1 = (float)(-Sd / KS);
     float su = 0.0f, sl = 0.0f, sul = 0.0f, dd = 0.0f;
-    const float lke = c->lke, keps = c->keps, rkeps = 1.0f / keps, inv_k = c->inv_k;
+    const float lke = c->lke, keps = c->keps, inv_k = c->inv_k;
     #pragma omp simd simdlen(VW) reduction(+:su, sl, sul, dd) aligned(lh, ph, eh, kh, drow, vm : 64)
     for (int j = 0; j < Kp; j++) {
         float valid = vm[j];
@@ -283,10 +302,8 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
         su += (kpn - 1.0f) * valid; sl += tl * valid; sul += tul * valid;
         dd += pj * drow[j];
         float kpc = kpe > 1e-30f ? kpe : 1e-30f;
-        float rk = 1.0f / kpc;
-        /* ell = log(K p + K eps) = max(l, lke) + log1p(exp(-|l - lke|)), exp(-|l - lke|) = min/max ratio */
-        float ratio = (kpc < keps ? kpc : keps) * (rk < rkeps ? rk : rkeps);
-        eh[j] = (l > lke ? l : lke) + log1p_unit(ratio);
+        /* ell = log(K p + K eps) = max(l, lke) + log1p(exp(-|l - lke|)), exp(-|l - lke|) = min / max of K p, K eps */
+        eh[j] = (l > lke ? l : lke) + log1p_ratio(kpc < keps ? kpc : keps, kpc < keps ? keps : kpc);
         lh[j] = l; ph[j] = pj;
     }
     /* lpk = x - delta carries delta's float rounding delta_lo in every element: removed from the sums exactly
@@ -335,18 +352,35 @@ static void flush_pairs(Ctx *c) {
    sums over QB queries, then double; reduced across lanes once per image) */
 static void query_pairs(Ctx *c) {
     const int H = c->H, Kp = c->Kp;
-    for (int h = 0; h < H; h++) {
+    for (int h = 0; h < H; h++) {               /* 4 heads g at a time: 4 independent sums (one sum per (h, g) would
+                                                   be a chain of dependent FMAs, latency-bound: 20% of this function) */
         const float *ph = c->p + (size_t)h * Kp;
-        for (int g = 0; g < H; g++) {
+        vf *acc = c->crossf + (size_t)h * H;
+        int g = 0;
+        for (; g + 4 <= H; g += 4) {
+            const float *e0 = c->ell + (size_t)g * Kp, *e1 = e0 + Kp, *e2 = e1 + Kp, *e3 = e2 + Kp;
+            vf a0 = acc[g], a1 = acc[g + 1], a2 = acc[g + 2], a3 = acc[g + 3];
+            for (int j = 0; j < Kp; j += VW) {
+                vf pv = vload(ph + j);
+                a0 += pv * vload(e0 + j); a1 += pv * vload(e1 + j); a2 += pv * vload(e2 + j); a3 += pv * vload(e3 + j);
+            }
+            acc[g] = a0; acc[g + 1] = a1; acc[g + 2] = a2; acc[g + 3] = a3;
+        }
+        for (; g < H; g++) {
             const float *eg = c->ell + (size_t)g * Kp;
-            vf acc = c->crossf[h * H + g];
-            for (int j = 0; j < Kp; j += VW) acc += vload(ph + j) * vload(eg + j);
-            c->crossf[h * H + g] = acc;
+            vf a0 = acc[g], a1 = (vf){};
+            int j = 0;
+            for (; j + 2 * VW <= Kp; j += 2 * VW) {
+                a0 += vload(ph + j) * vload(eg + j); a1 += vload(ph + j + VW) * vload(eg + j + VW);
+            }
+            for (; j < Kp; j += VW) a0 += vload(ph + j) * vload(eg + j);
+            acc[g] = a0 + a1;
         }
     }
     if (!c->do_js) return;
-    vf tab[JS_DEG + 1];
-    for (int d = 0; d <= JS_DEG; d++) tab[d] = vload(JS_TAB[d]);
+    vf tab[(JS_DEG + 1) * JS_NV];
+    for (int d = 0; d <= JS_DEG; d++)
+        for (int v = 0; v < JS_NV; v++) tab[d * JS_NV + v] = vload(JS_TAB[d] + v * VW);
     const vi absmask = (vi){} + 0x7fffffff;
     for (int h = 0; h < H - 1; h++) {
         const float *restrict ph = ALIGNED(c->p + (size_t)h * Kp), *restrict lh = ALIGNED(c->lpk + (size_t)h * Kp);
@@ -499,23 +533,136 @@ static int image_stats_qk(const float *q, long qh, long qi, const float *k, long
     return 1;
 }
 
-/* image_stats_qk for images i0, i0 + step, ... < b of a batch, one call per thread (a ctypes call per image cost
-   ~70 us of Python and GIL time: 5-8% of the whole kernel). Strides in floats; mb = 0 and db = 0 broadcast the
-   mask and the distances. Outputs are contiguous per image: (b, H) sums, (b, H, H) cross and js, (b, H, N - P)
-   column sums, (b) row-sum errors and flags. Returns 0 if an image ran out of memory. */
-int batch_stats_qk(int i0, int step, int b, const float *q, long qb, long qh, long qi, const float *k, long kb,
-                   long kh, long kj, const float *mask, long mb, long mh, long mi, float scale, int D,
+/* 1 if this build runs the batch entries below on an OpenMP team, 0 if they run serially (the caller then splits
+   the work over its own threads) */
+int has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* image_stats_qk for the image sets t0 <= t < t1 of a batch, set t = images t, t + nsets, ... < b; the sets on an
+   OpenMP team of t1 - t0 threads, one set each. The team is the process's OpenMP runtime: torch's own where torch
+   uses GNU OpenMP (its libgomp.so.1 is the one loaded), so the threads that spin-wait after each of torch's parallel
+   regions take this work at once; threads of our own would compete with them for the cores (~20% slower on 2
+   cores). One call per batch: a ctypes call per image cost ~70 us of Python and GIL time. Strides in floats;
+   mb = 0 and db = 0 broadcast the mask and the distances. Outputs are contiguous per image: (b, H) sums,
+   (b, H, H) cross and js, (b, H, N - P) column sums, (b) row-sum errors and flags. Returns 0 if an image ran out
+   of memory. */
+int batch_stats_qk(int t0, int t1, int nsets, int b, const float *q, long qb, long qh, long qi, const float *k,
+                   long kb, long kh, long kj, const float *mask, long mb, long mh, long mi, float scale, int D,
                    const float *dist, long db, int H, int N, int P, float eps, int renormalize, int do_js,
                    double *dsum, double *esum, double *nsum, double *psum, double *cross, double *js,
                    double *colsum, float *rowerr, int *bad) {
     const long K = N - P, HH = (long)H * H;
-    for (int i = i0; i < b; i += step)
-        if (!image_stats_qk(q + i * qb, qh, qi, k + i * kb, kh, kj, mask ? mask + i * mb : NULL, mh, mi, scale, D,
-                            dist + i * db, H, N, P, eps, renormalize, do_js, dsum + (long)i * H, esum + (long)i * H,
-                            nsum + (long)i * H, psum + (long)i * H, cross + i * HH, js + i * HH,
-                            colsum + (long)i * H * K, rowerr + i, bad + i))
-            return 0;
+    int ok = 1;
+    #pragma omp parallel for num_threads(t1 - t0) schedule(static, 1) reduction(&:ok)
+    for (int t = t0; t < t1; t++)
+        for (int i = t; i < b; i += nsets)
+            ok &= image_stats_qk(q + i * qb, qh, qi, k + i * kb, kh, kj, mask ? mask + i * mb : NULL, mh, mi, scale,
+                                 D, dist + i * db, H, N, P, eps, renormalize, do_js, dsum + (long)i * H,
+                                 esum + (long)i * H, nsum + (long)i * H, psum + (long)i * H, cross + i * HH,
+                                 js + i * HH, colsum + (long)i * H * K, rowerr + i, bad + i);
+    return ok;
+}
+
+/* ---- CKA: the float64 Gram of float32 features centred over the batch (`mimlab.probe.api.feature_gram`) ----
+   For columns [c0, c1) of x (n rows, row stride ld floats, columns contiguous): mu_c = column mean over the rows
+   (float32), xc = x - mu (float32, the value torch computes), and g[a][b] += sum_c xc[a][c] xc[b][c] in double
+   for the 4 x 4 tiles of rows with a <= b (the upper triangle and diagonal tiles; the caller mirrors it);
+   *musq = sum_c mu_c^2 in double. The columns go W at a time: centred into a double scratch of n (rounded up
+   to 4) x W (a few hundred KB: L2), then multiplied in 4 x 4 row tiles held in 16 vector registers. torch
+   instead writes a float32 and a float64 copy of all features and multiplies from memory: 4x the traffic.
+   Returns 0 if out of memory. */
+#ifndef GRAM_L1
+#define GRAM_L1 16384     /* bytes of centred columns per chunk: in L1 */
+#endif
+static int gram_columns(const float *x, int n, long ld, long c0, long c1, double *g, double *musq) {
+    const int np = (n + 3) / 4 * 4, nt = np / 4 * (np / 4 + 1) / 2;      /* row tiles a <= b */
+    long W = GRAM_L1 / (8 * (long)np) / 8 * 8;
+    W = W < 64 ? 64 : W;
+    size_t bytes = sizeof(vd) * 16 * (size_t)nt + sizeof(double) * (size_t)np * W + sizeof(float) * W;
+    vd *tacc = (vd *)work_buffer(bytes);
+    if (!tacc) return 0;
+    double *buf = (double *)(tacc + 16 * (size_t)nt);
+    float *mu = (float *)(buf + (size_t)np * W);
+    memset(tacc, 0, sizeof(vd) * 16 * (size_t)nt);
+    memset(buf + (size_t)n * W, 0, sizeof(double) * (size_t)(np - n) * W);      /* padding rows: 0 */
+    double ms = 0.0;
+    const float fn = (float)n;
+    for (long cb = c0; cb < c1; cb += W) {
+        const long w = c1 - cb < W ? c1 - cb : W, wp = (w + 7) / 8 * 8;
+        memset(mu, 0, sizeof(float) * W);
+        for (int r = 0; r < n; r++) {
+            const float *xr = x + r * ld + cb;
+            #pragma omp simd
+            for (long c = 0; c < w; c++) mu[c] += xr[c];
+        }
+        for (long c = 0; c < w; c++) { mu[c] /= fn; ms += (double)mu[c] * (double)mu[c]; }
+        for (int r = 0; r < n; r++) {
+            const float *xr = x + r * ld + cb;
+            double *br = buf + (size_t)r * W;
+            #pragma omp simd
+            for (long c = 0; c < w; c++) br[c] = (double)(xr[c] - mu[c]);
+            for (long c = w; c < wp; c++) br[c] = 0.0;
+        }
+        vd *ta = tacc;
+        for (int a = 0; a < np; a += 4)
+            for (int b = a; b < np; b += 4, ta += 16) {
+                vd acc[4][4];                 /* (constant indices after unrolling: kept in registers) */
+                #pragma GCC unroll 4
+                for (int i = 0; i < 4; i++)
+                    #pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) acc[i][j] = ta[4 * i + j];
+                const double *A = ALIGNED(buf + (size_t)a * W), *B = ALIGNED(buf + (size_t)b * W);
+                for (long c = 0; c < wp; c += VW / 2) {
+                    vd av[4], bv[4];
+                    #pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++) {
+                        av[i] = *(const vd *)(A + i * W + c);
+                        bv[i] = *(const vd *)(B + i * W + c);
+                    }
+                    #pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++)
+                        #pragma GCC unroll 4
+                        for (int j = 0; j < 4; j++) acc[i][j] += av[i] * bv[j];
+                }
+                #pragma GCC unroll 4
+                for (int i = 0; i < 4; i++)
+                    #pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) ta[4 * i + j] = acc[i][j];
+            }
+    }
+    vd *ta = tacc;
+    for (int a = 0; a < np; a += 4)
+        for (int b = a; b < np; b += 4, ta += 16)
+            for (int i = 0; i < 4 && a + i < n; i++)
+                for (int j = 0; j < 4 && b + j < n; j++) {
+                    double s = 0.0;
+                    for (int t = 0; t < VW / 2; t++) s += ta[4 * i + j][t];
+                    g[(size_t)(a + i) * n + b + j] += s;
+                }
+    *musq = ms;
     return 1;
+}
+
+/* gram_columns for the sets t0 <= t < t1 of the nparts parts of the d columns, set t = parts t, t + nsets, ...
+   (part p: columns [d p / nparts, d (p + 1) / nparts)), the sets on an OpenMP team as in batch_stats_qk; each part
+   into its own zeroed n x n slice of g and its own musq[p]: the caller adds the parts in order, so the result does
+   not depend on the number of threads. Returns 0 if out of memory. */
+int gram_parts(int t0, int t1, int nsets, int nparts, const float *x, int n, long ld, long d, double *g,
+               double *musq) {
+    int ok = 1;
+    #pragma omp parallel for num_threads(t1 - t0) schedule(static, 1) reduction(&:ok)
+    for (int t = t0; t < t1; t++)
+        for (int p = t; p < nparts; p += nsets) {
+            double *gp = g + (size_t)p * n * n;
+            memset(gp, 0, sizeof(double) * (size_t)n * n);
+            ok &= gram_columns(x, n, ld, d * p / nparts, d * (p + 1) / nparts, gp, musq + p);
+        }
+    return ok;
 }
 """
 
@@ -523,7 +670,7 @@ int batch_stats_qk(int i0, int step, int b, const float *q, long qb, long qh, lo
 # intervals of [0, JS_XMAX), a degree-JS_DEG polynomial on each (the Chebyshev interpolant in float64, written in
 # powers of s = x / w - k - 1/2, s in [-1/2, 1/2)). Max relative error of Q with float32 coefficients: 6e-8
 # (tests/test_cpu_stats.py checks the table against float64 G).
-JS_XMAX, JS_NI, JS_DEG = 10.0, 16, 7
+JS_XMAX, JS_NI, JS_DEG = 10.0, 32, 5
 
 
 def js_g_over_x2(x):
@@ -564,8 +711,11 @@ _SOURCE = _SOURCE.replace("/*@JS_TABLE@*/\n", _js_table_c())
 
 
 # -O3 and the native ISA for speed; fast-math only at compile time (vectorised expf/logf from libmvec), never at
-# link time (that would link crtfastmath and flush denormals process-wide)
-_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=gnu11"]
+# link time (that would link crtfastmath and flush denormals process-wide). OpenMP for the batch entries' teams
+# (linked to libgomp.so.1: in a process with torch's GNU OpenMP, that same runtime); if the compiler has no
+# OpenMP (e.g. Clang without libomp), the build without it, whose batch entries run serially on each of our threads.
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-std=gnu11"]
+_OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
@@ -576,33 +726,57 @@ def _cache_dir() -> Path:
     return Path(root) / "cpu_stats"
 
 
+def _compile(cc: str, flags: list[str]) -> Path:
+    """The shared library built with these flags (cached by a hash of source, flags and compiler); a failed build
+    raises RuntimeError and leaves a marker, so the same failing build is not retried by every process."""
+    tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS + flags) + cc + os.uname().machine).encode()).hexdigest()[:16]
+    d = _cache_dir()
+    so, failed = d / f"cpu_stats_{tag}.so", d / f"cpu_stats_{tag}.failed"
+    if so.is_file():
+        return so
+    if failed.is_file():
+        raise RuntimeError(failed.read_text())
+    d.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=d) as tmp:
+        src, obj, out = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
+        src.write_text(_SOURCE)
+        for cmd in ([cc, *_CFLAGS, *flags, "-c", str(src), "-o", str(obj)],
+                    [cc, "-shared", *flags, str(obj), "-o", str(out), "-lm", "-lmvec"]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0 and "-lmvec" in cmd:   # no libmvec (not glibc): scalar math, still fused
+                cmd.remove("-lmvec")
+                r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                msg = f"{' '.join(cmd)} failed: {r.stderr.strip()[:500]}"
+                failed.write_text(msg)
+                raise RuntimeError(msg)
+        os.replace(out, so)                              # atomic: a concurrent build just wins or loses
+    return so
+
+
 def _build() -> ctypes.CDLL:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS) + cc + os.uname().machine).encode()).hexdigest()[:16]
-    d = _cache_dir()
-    so = d / f"cpu_stats_{tag}.so"
-    if not so.is_file():
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            src, obj, out = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
-            src.write_text(_SOURCE)
-            for cmd in ([cc, *_CFLAGS, "-c", str(src), "-o", str(obj)],
-                        [cc, "-shared", str(obj), "-o", str(out), "-lm", "-lmvec"]):
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode != 0 and "-lmvec" in cmd:   # no libmvec (not glibc): scalar math, still fused
-                    cmd.remove("-lmvec")
-                    r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[:500]}")
-            os.replace(out, so)                              # atomic: a concurrent build just wins or loses
+    errors = []
+    for flags in _OPENMP_FLAGS:
+        try:
+            so = _compile(cc, flags)
+            break
+        except RuntimeError as e:
+            errors.append(str(e))
+    else:
+        raise RuntimeError("; ".join(errors))
     lib = ctypes.CDLL(str(so))
     P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
     lib.image_stats.argtypes = [P, P, I, I, I, I, F, I, I] + [P] * 9
     lib.image_stats.restype = I
-    lib.batch_stats_qk.argtypes = [I, I, I, P, L, L, L, P, L, L, L, P, L, L, L, F, I, P, L, I, I, I, F, I, I] + [P] * 9
+    lib.batch_stats_qk.argtypes = [I, I, I, I, P, L, L, L, P, L, L, L, P, L, L, L, F, I, P, L, I, I, I, F, I, I] + [P] * 9
     lib.batch_stats_qk.restype = I
+    lib.gram_parts.argtypes = [I, I, I, I, P, I, L, L, P, P]
+    lib.has_openmp.argtypes = []
+    lib.has_openmp.restype = I
+    lib.gram_parts.restype = I
     lib.padded_keys.argtypes = [I]
     lib.padded_keys.restype = I
     return lib
@@ -656,14 +830,20 @@ def _padded_dist(lib: ctypes.CDLL, dist_rows: torch.Tensor, b: int, nq: int, K: 
     return torch.nn.functional.pad(d, (0, Kp - K)).contiguous()
 
 
-def _run(b: int, work) -> None:
-    """work(t, n) for t < n, n = up to torch.get_num_threads() threads, each doing images t, t + n, ... (images are
-    independent: any split gives the same numbers); work returns false if it ran out of memory."""
-    nthreads = max(1, min(torch.get_num_threads(), b))
-    if nthreads == 1:
-        ok = [work(0, 1)]
+def _threads(items: int) -> int:
+    """How many sets to split `items` independent items into: torch's thread count, at most one set per item."""
+    return max(1, min(torch.get_num_threads(), items))
+
+
+def _run(n: int, work, team: bool = False) -> None:
+    """work(t0, t1, n) does the item sets t0 <= t < t1 of n (set t = items t, t + n, ...; items are independent, so
+    any split gives the same numbers) and returns false if it ran out of memory. `team`: work is a C entry that
+    runs its sets on an OpenMP team, so one call does all when the library has OpenMP; else one call per set, each
+    on a thread of our pool."""
+    if n == 1 or (team and _LIB is not None and _LIB.has_openmp()):
+        ok = [work(0, n, n)]
     else:
-        ok = list(_pool(nthreads).map(lambda t: work(t, nthreads), range(nthreads)))
+        ok = list(_pool(n).map(lambda t: work(t, t + 1, n), range(n)))
     if not all(ok):
         raise MemoryError("cpu stats kernel: out of memory for its work buffers")
 
@@ -695,14 +875,15 @@ def cpu_chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_pr
     out = _outputs(b, H, K)
     flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
 
-    def work(t: int, n: int) -> bool:
+    def work(t0: int, t1: int, n: int) -> bool:
         ok = True
-        for i in range(t, b, n):
-            d = dist[i if dist.shape[0] > 1 else 0]
-            ok &= bool(lib.image_stats(x[i].data_ptr(), d.data_ptr(), H, nq, N, P, *flags, *_ptrs(out, i)))
+        for t in range(t0, t1):
+            for i in range(t, b, n):
+                d = dist[i if dist.shape[0] > 1 else 0]
+                ok &= bool(lib.image_stats(x[i].data_ptr(), d.data_ptr(), H, nq, N, P, *flags, *_ptrs(out, i)))
         return ok
 
-    _run(b, work)
+    _run(_threads(b), work)
     return _finish(out)
 
 
@@ -754,9 +935,36 @@ def cpu_qk_sums_tensors(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tenso
     db = dist.stride(0) if dist.shape[0] > 1 else 0
     ptrs = [t.data_ptr() for t in out]
 
-    def work(t: int, n: int) -> int:                # images t, t + n, ... in one C call
-        return lib.batch_stats_qk(t, n, b, q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), ks[0], ks[1], ks[2], mp,
-                                  mb, mh, mi, float(scale), D, dist.data_ptr(), db, H, N, P, *flags, *ptrs)
+    def work(t0: int, t1: int, n: int) -> int:      # image sets t0 <= t < t1 of n in one C call
+        return lib.batch_stats_qk(t0, t1, n, b, q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), ks[0], ks[1], ks[2],
+                                  mp, mb, mh, mi, float(scale), D, dist.data_ptr(), db, H, N, P, *flags, *ptrs)
 
-    _run(b, work)
+    _run(_threads(b), work, team=True)
     return _finish(out)
+
+
+GRAM_PARTS = 8      # column parts of the Gram (fixed, so the sum order does not depend on the number of threads)
+
+
+def cpu_feature_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For float32 CPU features x (n, d): (G, musq), G = xc xc^T in float64 with xc = x - mean over the rows
+    (centred in float32), musq = sum of the squared column means (float64 scalar tensor). As
+    `mimlab.probe.api.feature_gram` computes them with torch, without its float32 and float64 copies of x."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the CPU statistics kernel is unavailable: {_ERROR}")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        raise ValueError(f"cpu_feature_gram: float32 CPU features (n, d), got {x.dtype} {tuple(x.shape)} "
+                         f"on {x.device}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n, d = x.shape
+    parts = torch.empty(GRAM_PARTS, n, n, dtype=torch.float64)
+    musq = torch.empty(GRAM_PARTS, dtype=torch.float64)
+    _run(_threads(GRAM_PARTS), lambda t0, t1, k: lib.gram_parts(t0, t1, k, GRAM_PARTS, x.data_ptr(), n, x.stride(0),
+                                                                d, parts.data_ptr(), musq.data_ptr()), team=True)
+    g = parts[0].clone()
+    for p in range(1, GRAM_PARTS):
+        g += parts[p]
+    g = g.triu() + g.triu(1).T
+    return g, musq.sum()
