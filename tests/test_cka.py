@@ -125,6 +125,8 @@ def test_probe_cka_equals_direct_computation_on_block_outputs():
     torch.testing.assert_close(got_aa, want[:3, :3], rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(torch.tensor(res.cka["b/a"], dtype=torch.float64), got_ab.T)
     assert res.cka_info["num_batches"] == 2 and res.cka_info["estimator"] == "unbiased_minibatch"
+    from mimlab.probe import cpu_stats     # the Grams above came from the C kernel where it builds (as on CI)
+    assert res.cka_info["gram_kernel"] == ("cpu" if cpu_stats.is_available() else "torch")
     # mean-pooled and CLS features are different feature choices, each consistent with its own definition
     res_cls = probe({"a": a}, x, batch_size=8, config=ProbeConfig(bootstrap=0, cka_features="cls"))
     cls = [f.reshape(16, -1, 48)[:, 0] for f in fa]

@@ -584,7 +584,8 @@ def probe(models: Mapping[str, nn.Module] | Sequence[ProbeModel], images, *, bat
                 cka_out[f"{pa.pm.label}/{pb.pm.label}"] = blk.tolist()
         cka_info.update({"features": cfg.cka_features, "batch_size": batch_size, "num_batches": cka_acc.num_batches,
                          "num_images": cka_acc.num_samples, "images_left_out": cka_acc.skipped_samples,
-                         "estimator": "unbiased_minibatch", "dtype": "float64"})
+                         "estimator": "unbiased_minibatch", "dtype": "float64",
+                         "gram_kernel": "cpu" if any(p.gram_kernel for p in probes) else "torch"})
     models_out = {p.pm.label: p.to_dict() for p in probes}
     reps = {p.pm.label: p.layer_replicates() for p in probes}
     from mimlab.utils.provenance import provenance

@@ -728,7 +728,8 @@ def _cache_dir() -> Path:
 
 def _compile(cc: str, flags: list[str]) -> Path:
     """The shared library built with these flags (cached by a hash of source, flags and compiler); a failed build
-    raises RuntimeError and leaves a marker, so the same failing build is not retried by every process."""
+    raises RuntimeError and leaves a marker, so the same failing build is not retried by every process (delete
+    `cpu_stats_*.failed` in the cache folder to retry, e.g. after installing an OpenMP runtime for Clang)."""
     tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS + flags) + cc + os.uname().machine).encode()).hexdigest()[:16]
     d = _cache_dir()
     so, failed = d / f"cpu_stats_{tag}.so", d / f"cpu_stats_{tag}.failed"
