@@ -859,15 +859,22 @@ def _ptrs(out: list[torch.Tensor], i: int) -> list[int]:
     return [t[i].data_ptr() for t in out[:7]] + [out[7][i:].data_ptr(), out[8][i:].data_ptr()]
 
 
-def cpu_chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, eps: float,
-                           renormalize: bool, js: bool = True) -> tuple[torch.Tensor, ...]:
-    """`chunk_sums_tensors` for float32 CPU logits (b, H, nq, N); dist_rows (nq, K) or (b, 1, nq, K)."""
+def _lib_for(entry: str, shape: str, **tensors: torch.Tensor) -> ctypes.CDLL:
+    """The loaded library for `entry`, once every tensor is float32 on the CPU with as many dimensions as `shape`
+    names (ValueError naming the entry, the tensor and the expected shape; RuntimeError without the library)."""
     lib = _lib()
     if lib is None:
         raise RuntimeError(f"the CPU statistics kernel is unavailable: {_ERROR}")
-    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 4:
-        raise ValueError(f"cpu_chunk_sums_tensors: float32 CPU logits (b, H, nq, N), got {logits.dtype} "
-                         f"{tuple(logits.shape)} on {logits.device}")
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != shape.count(",") + 1:
+            raise ValueError(f"{entry}: float32 CPU {name} {shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return lib
+
+
+def cpu_chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, eps: float,
+                           renormalize: bool, js: bool = True) -> tuple[torch.Tensor, ...]:
+    """`chunk_sums_tensors` for float32 CPU logits (b, H, nq, N); dist_rows (nq, K) or (b, 1, nq, K)."""
+    lib = _lib_for("cpu_chunk_sums_tensors", "(b, H, nq, N)", logits=logits)
     b, H, nq, N = logits.shape
     P = int(num_prefix)
     K = N - P
@@ -896,13 +903,7 @@ def cpu_qk_sums_tensors(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tenso
     q, k: (b, H, N, D) float32 CPU tensors (any strides; the last dimension is made contiguous); attn_mask None or
     an additive float mask broadcastable to (b, H, N, N); dist_rows (N - P, K) or (b, 1, N - P, K).
     """
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"the CPU statistics kernel is unavailable: {_ERROR}")
-    for name, t in (("q", q), ("k", k)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4:
-            raise ValueError(f"cpu_qk_sums_tensors: float32 CPU {name} (b, H, N, D), got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+    lib = _lib_for("cpu_qk_sums_tensors", "(b, H, N, D)", q=q, k=k)
     if q.shape != k.shape:
         raise ValueError(f"cpu_qk_sums_tensors: q {tuple(q.shape)} and k {tuple(k.shape)} differ")
     b, H, N, D = q.shape
@@ -951,12 +952,7 @@ def cpu_feature_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For float32 CPU features x (n, d): (G, musq), G = xc xc^T in float64 with xc = x - mean over the rows
     (centred in float32), musq = sum of the squared column means (float64 scalar tensor). As
     `mimlab.probe.api.feature_gram` computes them with torch, without its float32 and float64 copies of x."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"the CPU statistics kernel is unavailable: {_ERROR}")
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
-        raise ValueError(f"cpu_feature_gram: float32 CPU features (n, d), got {x.dtype} {tuple(x.shape)} "
-                         f"on {x.device}")
+    lib = _lib_for("cpu_feature_gram", "(n, d)", features=x)
     if x.stride(1) != 1:
         x = x.contiguous()
     n, d = x.shape
