@@ -166,8 +166,10 @@ def temp_files(root: Path) -> list[Path]:
 
 
 def kill_at(z: Zygote, argv: list[str], log: Path, point: tuple, csv_path: Path | None = None,
-            timeout: float = 120) -> dict[str, Any]:
-    """Start `argv`, SIGKILL it at `point`; returns what happened (killed or finished first, and when)."""
+            timeout: float = 120, finish_ok: bool = False) -> dict[str, Any]:
+    """Start `argv`, SIGKILL it at `point`; returns what happened (killed or finished first, and when). A run that
+    finishes without the write of a "write" point fails the test, unless `finish_ok` (the caller expects that
+    the work may have run out of such writes) and it finished cleanly."""
     env: dict[str, str] = {}
     marker = log.with_suffix(".stalled")
     if point[0] == "write":
@@ -192,7 +194,8 @@ def kill_at(z: Zygote, argv: list[str], log: Path, point: tuple, csv_path: Path 
         z.wait(pid)
         raise AssertionError(f"kill point {point} not reached in {timeout} s ({log})")
     if rc is not None:
-        assert point[0] != "write", f"{point}: the run finished without the stalled write:\n{log.read_text()[-2000:]}"
+        assert point[0] != "write" or (finish_ok and rc == 0), \
+            f"{point}: the run finished without the stalled write:\n{log.read_text()[-2000:]}"
         return {"point": point, "killed": False, "rc": rc, "at_s": time.perf_counter() - t0}
     os.kill(pid, signal.SIGKILL)
     rc = z.wait(pid)
@@ -383,7 +386,14 @@ def test_reproduce_sigkill_at_random_points_then_rerun(zygote, tmp_path):
               ("write", "stage.json", rng.randint(1, 3)), delay(), ("write", "summary.json", 1)]
     outcomes = []
     for i, point in enumerate(points):
-        o = kill_at(zygote, argv(out), tmp_path / f"run{i}.log", point, timeout=300)
+        o = kill_at(zygote, argv(out), tmp_path / f"run{i}.log", point, timeout=300, finish_ok=True)
+        if not o["killed"] and point[0] == "write":
+            # the study had fewer writes of that file left than the point asked for (the delay kills before it
+            # let more stages finish than usual: stages run faster or slower from machine to machine), so it
+            # completed: kill its rerun at the one write every run makes, its summary
+            point = ("write", "summary.json", 1)
+            o = kill_at(zygote, argv(out), tmp_path / f"run{i}b.log", point, timeout=300)
+            (tmp_path / f"run{i}b.log").replace(tmp_path / f"run{i}.log")
         if o["killed"]:
             with run_lock(out):
                 pass
