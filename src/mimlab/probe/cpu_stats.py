@@ -42,7 +42,7 @@ The C source is compiled once per machine with the system C compiler (`cc`; GCC 
 OpenMP (GCC) the batch entries (`batch_stats_qk`, `gram_parts`) run on an OpenMP team of torch's thread count:
 the library links `libgomp.so.1`, which in a process with torch's GNU OpenMP is torch's own runtime, so the worker
 threads that spin-wait after each of torch's parallel regions take the work at once. Threads of our own competed
-with those spinning threads for the cores: ~3% of the whole probe on 2 cores. Without OpenMP (Clang without libomp,
+with those spinning threads for the cores: 2-10% of the whole probe's time on 2 cores. Without OpenMP (Clang without libomp,
 found by trying), the entries run one image set per call on a pool of Python threads (the calls release the GIL);
 the logits entry always does. A work buffer is kept per thread. Compiled with `-ffast-math` for the vector math,
 but linked without it (so the process's floating-point mode is left alone); NaN/inf are detected on the bit
@@ -546,8 +546,8 @@ int has_openmp(void) {
 /* image_stats_qk for the image sets t0 <= t < t1 of a batch, set t = images t, t + nsets, ... < b; the sets on an
    OpenMP team of t1 - t0 threads, one set each. The team is the process's OpenMP runtime: torch's own where torch
    uses GNU OpenMP (its libgomp.so.1 is the one loaded), so the threads that spin-wait after each of torch's parallel
-   regions take this work at once; threads of our own would compete with them for the cores (~20% slower on 2
-   cores). One call per batch: a ctypes call per image cost ~70 us of Python and GIL time. Strides in floats;
+   regions take this work at once; threads of our own competed with them for the cores (2-10% of the whole probe's
+   time on 2 cores). One call per batch: a ctypes call per image cost ~70 us of Python and GIL time. Strides in floats;
    mb = 0 and db = 0 broadcast the mask and the distances. Outputs are contiguous per image: (b, H) sums,
    (b, H, H) cross and js, (b, H, N - P) column sums, (b) row-sum errors and flags. Returns 0 if an image ran out
    of memory. */
@@ -573,12 +573,11 @@ int batch_stats_qk(int t0, int t1, int nsets, int b, const float *q, long qb, lo
    (float32), xc = x - mu (float32, the value torch computes), and g[a][b] += sum_c xc[a][c] xc[b][c] in double
    for the 4 x 4 tiles of rows with a <= b (the upper triangle and diagonal tiles; the caller mirrors it);
    *musq = sum_c mu_c^2 in double. The columns go W at a time: centred into a double scratch of n (rounded up
-   to 4) x W (a few hundred KB: L2), then multiplied in 4 x 4 row tiles held in 16 vector registers. torch
-   instead writes a float32 and a float64 copy of all features and multiplies from memory: 4x the traffic.
-   Returns 0 if out of memory. */
-#ifndef GRAM_L1
-#define GRAM_L1 16384     /* bytes of centred columns per chunk: in L1 */
-#endif
+   to 4) x W (GRAM_L1 bytes: it stays in L1), then multiplied in 4 x 4 row tiles held in 16 vector registers;
+   each tile's vector sums are kept across chunks and reduced across lanes once, at the end. torch instead writes
+   a float32 and a float64 copy of all features and multiplies from memory (~3x slower). Returns 0 if out of
+   memory. */
+#define GRAM_L1 16384
 static int gram_columns(const float *x, int n, long ld, long c0, long c1, double *g, double *musq) {
     const int np = (n + 3) / 4 * 4, nt = np / 4 * (np / 4 + 1) / 2;      /* row tiles a <= b */
     long W = GRAM_L1 / (8 * (long)np) / 8 * 8;
