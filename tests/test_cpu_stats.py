@@ -325,3 +325,25 @@ def test_feature_gram_kernel_strided_input_zero_variance_and_non_finite(one_thre
     torch.set_num_threads(2)
     b = cpu_stats.cpu_feature_gram(base.T.contiguous() + 3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])      # threads do not change the sum order
+
+
+def test_openmp_build_that_does_not_load_gives_way_to_the_serial_one(monkeypatch, tmp_path):
+    """An OpenMP build can compile and still fail to load (a process whose OpenMP runtime lacks a symbol it needs):
+    the build without OpenMP is used then, not the slow torch path."""
+    import ctypes
+
+    real = ctypes.CDLL
+    calls = []
+
+    def cdll(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(f"{path}: undefined symbol: GOMP_parallel (simulated)")
+        return real(path, *a, **k)
+
+    monkeypatch.setenv("MIMLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_stats, "_LIB", None)
+    monkeypatch.setattr(cpu_stats, "_ERROR", None)
+    monkeypatch.setattr(cpu_stats.ctypes, "CDLL", cdll)
+    assert cpu_stats.is_available(), cpu_stats.unavailable_reason()
+    assert len(calls) == 2 and cpu_stats._LIB.has_openmp() == 0

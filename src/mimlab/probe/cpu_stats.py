@@ -759,24 +759,23 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     errors = []
-    for flags in _OPENMP_FLAGS:
-        try:
-            so = _compile(cc, flags)
+    for flags in _OPENMP_FLAGS:      # a build that fails to compile, or to load (e.g. an OpenMP runtime in the
+        try:                         # process without the symbols it needs), gives way to the next
+            lib = ctypes.CDLL(str(_compile(cc, flags)))
             break
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:
             errors.append(str(e))
     else:
         raise RuntimeError("; ".join(errors))
-    lib = ctypes.CDLL(str(so))
     P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
     lib.image_stats.argtypes = [P, P, I, I, I, I, F, I, I] + [P] * 9
     lib.image_stats.restype = I
     lib.batch_stats_qk.argtypes = [I, I, I, I, P, L, L, L, P, L, L, L, P, L, L, L, F, I, P, L, I, I, I, F, I, I] + [P] * 9
     lib.batch_stats_qk.restype = I
     lib.gram_parts.argtypes = [I, I, I, I, P, I, L, L, P, P]
+    lib.gram_parts.restype = I
     lib.has_openmp.argtypes = []
     lib.has_openmp.restype = I
-    lib.gram_parts.restype = I
     lib.padded_keys.argtypes = [I]
     lib.padded_keys.restype = I
     return lib
