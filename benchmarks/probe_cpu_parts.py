@@ -32,7 +32,8 @@ def bench_gram(rounds: int) -> None:
             (tc if kernel else tt).append(time.perf_counter() - t)
     ratios = sorted(a / b for a, b in zip(tc, tt))
     print(f"gram (32 x 75,648 float32 -> 32 x 32 float64), {rounds} rounds: C {statistics.median(tc) * 1e3:.2f} ms, "
-          f"torch {statistics.median(tt) * 1e3:.2f} ms (medians); C / torch median ratio {statistics.median(ratios):.3f}")
+          f"torch {statistics.median(tt) * 1e3:.2f} ms (medians); "
+          f"C / torch median ratio {statistics.median(ratios):.3f}")
 
 
 def bench_team(rounds: int) -> None:
@@ -81,7 +82,8 @@ def bench_team(rounds: int) -> None:
             methods[name]()
             times[name].append(time.perf_counter() - t)
     med = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))   # noqa: E731
-    print(f"probe of one batch (ViT-S/16, 32 images), {rounds} rotated rounds: team / forward {med('team', 'forward'):.3f}, "
+    print(f"probe of one batch (ViT-S/16, 32 images), {rounds} rotated rounds: "
+          f"team / forward {med('team', 'forward'):.3f}, "
           f"pool / forward {med('pool', 'forward'):.3f}, team / pool {med('team', 'pool'):.3f} (medians of per-round "
           f"ratios); forward median {statistics.median(times['forward']):.2f} s")
 

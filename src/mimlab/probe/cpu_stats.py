@@ -1,8 +1,8 @@
 """Fused CPU kernels for the probe: the attention statistics (`chunk_sums_tensors` in one pass of compiled C) and
 the float64 Gram matrices of CKA (`cpu_feature_gram`).
 
-Two entry points for the attention statistics return exactly what `mimlab.probe.attention_stats.chunk_sums_tensors` returns (same tuple, shapes,
-dtypes and formulas), for float32 on the CPU:
+Two entry points for the attention statistics return exactly what `mimlab.probe.attention_stats.chunk_sums_tensors`
+returns (same tuple, shapes, dtypes and formulas), for float32 on the CPU:
 - `cpu_qk_sums_tensors(q, k, attn_mask, scale, ...)` takes what the model hands to scaled_dot_product_attention
   and forms the logits `s = scale q.k + mask` itself, a block of 4 queries x all keys at a time, in registers and
   L1: no (heads x queries x keys) logits tensor is ever written (for ViT-S/16 that tensor is 30 MB per layer and
@@ -42,12 +42,12 @@ The C source is compiled once per machine with the system C compiler (`cc`; GCC 
 OpenMP (GCC) the batch entries (`batch_stats_qk`, `gram_parts`) run on an OpenMP team of torch's thread count:
 the library links `libgomp.so.1`, which in a process with torch's GNU OpenMP is torch's own runtime, so the worker
 threads that spin-wait after each of torch's parallel regions take the work at once. Threads of our own competed
-with those spinning threads for the cores: 2-10% of the whole probe's time on 2 cores. Without OpenMP (Clang without libomp,
-found by trying), the entries run one image set per call on a pool of Python threads (the calls release the GIL);
-the logits entry always does. A work buffer is kept per thread. Compiled with `-ffast-math` for the vector math,
-but linked without it (so the process's floating-point mode is left alone); NaN/inf are detected on the bit
-patterns, which fast-math cannot optimise away. If no compiler is found, `is_available()` is False and the probe
-uses the torch path.
+with those spinning threads for the cores: 2-10% of the whole probe's time on 2 cores. Without OpenMP (Clang
+without libomp, found by trying), the entries run one image set per call on a pool of Python threads (the calls
+release the GIL); the logits entry always does. A work buffer is kept per thread. Compiled with `-ffast-math` for
+the vector math, but linked without it (so the process's floating-point mode is left alone); NaN/inf are detected
+on the bit patterns, which fast-math cannot optimise away. If no compiler is found, `is_available()` is False and
+the probe uses the torch path.
 """
 from __future__ import annotations
 
@@ -770,7 +770,8 @@ def _build() -> ctypes.CDLL:
     P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
     lib.image_stats.argtypes = [P, P, I, I, I, I, F, I, I] + [P] * 9
     lib.image_stats.restype = I
-    lib.batch_stats_qk.argtypes = [I, I, I, I, P, L, L, L, P, L, L, L, P, L, L, L, F, I, P, L, I, I, I, F, I, I] + [P] * 9
+    lib.batch_stats_qk.argtypes = ([I, I, I, I, P, L, L, L, P, L, L, L, P, L, L, L, F, I, P, L, I, I, I, F, I, I]
+                                   + [P] * 9)
     lib.batch_stats_qk.restype = I
     lib.gram_parts.argtypes = [I, I, I, I, P, I, L, L, P, P]
     lib.gram_parts.restype = I
@@ -836,10 +837,10 @@ def _threads(items: int) -> int:
 
 def _run(n: int, work, team: bool = False) -> None:
     """work(t0, t1, n) does the item sets t0 <= t < t1 of n (set t = items t, t + n, ...; items are independent, so
-    any split gives the same numbers) and returns false if it ran out of memory. `team`: work is a C entry that
-    runs its sets on an OpenMP team, so one call does all when the library has OpenMP; else one call per set, each
+    any split gives the same numbers) and returns false if it ran out of memory. `team`: work runs its sets on an
+    OpenMP team (a C batch entry of a library built with OpenMP), so one call does all; else one call per set, each
     on a thread of our pool."""
-    if n == 1 or (team and _LIB is not None and _LIB.has_openmp()):
+    if n == 1 or team:
         ok = [work(0, n, n)]
     else:
         ok = list(_pool(n).map(lambda t: work(t, t + 1, n), range(n)))
@@ -939,7 +940,7 @@ def cpu_qk_sums_tensors(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tenso
         return lib.batch_stats_qk(t0, t1, n, b, q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), ks[0], ks[1], ks[2],
                                   mp, mb, mh, mi, float(scale), D, dist.data_ptr(), db, H, N, P, *flags, *ptrs)
 
-    _run(_threads(b), work, team=True)
+    _run(_threads(b), work, team=bool(lib.has_openmp()))
     return _finish(out)
 
 
@@ -956,8 +957,11 @@ def cpu_feature_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = x.shape
     parts = torch.empty(GRAM_PARTS, n, n, dtype=torch.float64)
     musq = torch.empty(GRAM_PARTS, dtype=torch.float64)
-    _run(_threads(GRAM_PARTS), lambda t0, t1, k: lib.gram_parts(t0, t1, k, GRAM_PARTS, x.data_ptr(), n, x.stride(0),
-                                                                d, parts.data_ptr(), musq.data_ptr()), team=True)
+    def work(t0: int, t1: int, k: int) -> int:      # column-part sets t0 <= t < t1 of k in one C call
+        return lib.gram_parts(t0, t1, k, GRAM_PARTS, x.data_ptr(), n, x.stride(0), d, parts.data_ptr(),
+                              musq.data_ptr())
+
+    _run(_threads(GRAM_PARTS), work, team=bool(lib.has_openmp()))
     g = parts[0].clone()
     for p in range(1, GRAM_PARTS):
         g += parts[p]
