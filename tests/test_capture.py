@@ -61,7 +61,7 @@ def test_capture_fails_loudly_naming_the_module(cls, word):
     m = timm.create_model("vit_tiny_patch16_224", **KW).eval()
     m.blocks[1].attn = cls(32, 2)
     with pytest.raises(CaptureError) as e:
-        probe({"m": m}, torch.randn(4, 3, 32, 32), batch_size=4, config=ProbeConfig(bootstrap=0, cka=False))
+        probe({"m": m}, torch.randn(4, 3, 32, 32), config=ProbeConfig(batch_size=4, bootstrap=0, cka=False))
     msg = str(e.value)
     assert "blocks.1" in msg and cls.__name__ in msg and word in msg
     assert isinstance(e.value, MimlabError)
@@ -74,7 +74,7 @@ def test_token_count_mismatch_is_an_error():
     m = timm.create_model("vit_tiny_patch16_224", **KW).eval()
     m.num_prefix_tokens = 2                      # lie about the layout: the capture must notice
     with pytest.raises(CaptureError, match="inspected layout"):
-        probe({"m": m}, torch.randn(4, 3, 32, 32), batch_size=4, config=ProbeConfig(bootstrap=0, cka=False))
+        probe({"m": m}, torch.randn(4, 3, 32, 32), config=ProbeConfig(batch_size=4, bootstrap=0, cka=False))
 
 
 def test_nan_activations_are_reported_with_the_layer_name():
@@ -83,7 +83,7 @@ def test_nan_activations_are_reported_with_the_layer_name():
     with torch.no_grad():
         m.blocks[1].mlp.fc2.bias[0] = float("nan")
     with pytest.raises(MimlabError, match="blocks.1"):
-        probe({"m": m}, torch.randn(4, 3, 32, 32), batch_size=4, config=ProbeConfig(bootstrap=0))
+        probe({"m": m}, torch.randn(4, 3, 32, 32), config=ProbeConfig(batch_size=4, bootstrap=0))
 
 
 def test_dropout_in_train_mode_is_refused():

@@ -104,7 +104,7 @@ def test_probe_cka_equals_direct_computation_on_block_outputs():
     a = timm.create_model("vit_tiny_patch16_224", **kw).eval()
     b = timm.create_model("deit_tiny_distilled_patch16_224", **kw).eval()
     x = torch.randn(16, 3, 32, 32)
-    res = probe({"a": a, "b": b}, x, batch_size=8, config=ProbeConfig(bootstrap=0))
+    res = probe({"a": a, "b": b}, x, config=ProbeConfig(batch_size=8, bootstrap=0))
 
     def outputs(m):
         feats = []
@@ -125,9 +125,9 @@ def test_probe_cka_equals_direct_computation_on_block_outputs():
     torch.testing.assert_close(got_aa, want[:3, :3], rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(torch.tensor(res.cka["b/a"], dtype=torch.float64), got_ab.T)
     assert res.cka_info["num_batches"] == 2 and res.cka_info["estimator"] == "unbiased_minibatch"
-    from mimlab.probe import cpu_stats     # the Grams above came from the C kernel where it builds (as on CI)
-    assert res.cka_info["gram_kernel"] == ("cpu" if cpu_stats.is_available() else "torch")
+    from mimlab.probe.backends import cpu_kernel   # the Grams above came from the C kernel where it builds (as on CI)
+    assert res.cka_info["gram_kernel"] == ("cpu" if cpu_kernel.is_available() else "torch")
     # mean-pooled and CLS features are different feature choices, each consistent with its own definition
-    res_cls = probe({"a": a}, x, batch_size=8, config=ProbeConfig(bootstrap=0, cka_features="cls"))
+    res_cls = probe({"a": a}, x, config=ProbeConfig(batch_size=8, bootstrap=0, cka_features="cls"))
     cls = [f.reshape(16, -1, 48)[:, 0] for f in fa]
     torch.testing.assert_close(torch.tensor(res_cls.cka["a/a"], dtype=torch.float64), _cka(*cls, batch=8), rtol=1e-6, atol=1e-9)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mimlab.cli import main as cli_main
-from mimlab.data import cli as data_cli
+from mimlab.cli import data as data_cli
 from mimlab.data import synthetic as S
 from mimlab.errors import MimlabError
 

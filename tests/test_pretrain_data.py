@@ -8,20 +8,22 @@ import pytest
 import torch
 
 from mimlab.errors import MimlabError
+from mimlab.data import images as I
+from mimlab.data.spec import parse_data_spec
 from mimlab.pretrain import data as D
 from mimlab.pretrain.masking import MaskGeometry
 
 
 def test_parse_data_spec(tmp_path):
-    spec = D.parse_data_spec("builtin")
+    spec = parse_data_spec("builtin")
     assert spec.kind == "builtin" and spec.params["classes"] == 100 and spec.params["per_class"] == 32
-    spec = D.parse_data_spec("builtin:deadleaves?classes=7&per_class=3&seed=2")
+    spec = parse_data_spec("builtin:deadleaves?classes=7&per_class=3&seed=2")
     assert spec.params == {"kind": "deadleaves", "classes": 7, "per_class": 3, "seed": 2}
-    assert D.parse_data_spec(str(tmp_path)).kind == "folder"
+    assert parse_data_spec(str(tmp_path)).kind == "folder"
     for bad, msg in [("builtin:nope", "unknown built-in kind"), ("builtin?colour=3", "unknown key 'colour'"),
                      ("builtin?classes=x", "not an integer"), (str(tmp_path / "missing"), "no such directory")]:
         with pytest.raises(MimlabError, match=msg):
-            D.parse_data_spec(bad)
+            parse_data_spec(bad)
 
 
 def test_random_resized_crop_params_respect_scale_ratio_and_bounds():
@@ -43,7 +45,7 @@ def test_items_are_a_pure_function_of_index_and_seed():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
     geom = MaskGeometry((16, 16), 4, 4, 0.6)
-    ds = D.PretrainDataset(D.ArraySource(images, np.arange(6)), D.Augment((16, 16), (0.67, 1.0)), target="simmim",
+    ds = D.PretrainDataset(I.ArraySource(images, np.arange(6)), D.Augment((16, 16), (0.67, 1.0)), target="simmim",
                            mask_fn=geom.sample)
     a, b, c = ds[(3, 123)], ds[(3, 123)], ds[(3, 124)]
     assert a["image"].dtype == torch.uint8 and a["image"].shape == (3, 16, 16) and a["label"] == 3
@@ -55,7 +57,7 @@ def test_items_are_a_pure_function_of_index_and_seed():
     torch.manual_seed(0)
     ds[(1, 5)]                                 # items never touch the global RNG
     assert torch.equal(torch.rand(3), before)
-    mae = D.PretrainDataset(D.ArraySource(images, np.arange(6)), D.Augment((16, 16), (0.2, 1.0)), target="mae",
+    mae = D.PretrainDataset(I.ArraySource(images, np.arange(6)), D.Augment((16, 16), (0.2, 1.0)), target="mae",
                             num_tokens=16)
     noise = mae[(0, 9)]["noise"]
     assert noise.shape == (16,) and noise.dtype == torch.float32 and 0 <= noise.min() and noise.max() < 1
@@ -63,7 +65,7 @@ def test_items_are_a_pure_function_of_index_and_seed():
 
 def test_normalize_matches_the_formula():
     x = torch.tensor([0, 255, 128], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
-    y = D.normalize(x)
+    y = I.normalize(x)
     expect = [(0 - 0.485) / 0.229, (1 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225]
     assert y[1, :, 1, 1].tolist() == pytest.approx(expect, rel=1e-6)
 
@@ -76,9 +78,9 @@ def test_image_folder_scan(tmp_path):
         for i in range(2):
             Image.new("RGB", (8, 8)).save(tmp_path / c / "sub" / f"{i}.png")
     (tmp_path / "empty").mkdir()
-    files, labels, names = D.scan_image_folder(tmp_path)
+    files, labels, names = I.scan_class_folders(tmp_path)
     assert names == ["a", "b"] and labels == [0, 0, 1, 1]
     assert [f.relative_to(tmp_path).as_posix() for f in files][:2] == ["a/sub/0.png", "a/sub/1.png"]
-    src = D.FileSource(files, labels)
+    src = I.FileSource(files, labels)
     assert src.load(0).dtype == torch.uint8 and src.load(0).shape == (3, 8, 8)
     assert math.isclose(len(src), 4)

@@ -211,7 +211,7 @@ def test_crop_scale_option_is_used_recorded_and_validated(tmp_path, capsys):
     default = pretrain(cfg(tmp_path / "default", "supervised", steps=1))
     assert default.run["data"]["augmentation"]["random_resized_crop_scale"] == [0.08, 1.0]
     for bad in [(0.0, 1.0), (0.9, 0.5), (0.5, 1.5)]:
-        with pytest.raises(MimlabError, match="--crop-scale"):
+        with pytest.raises(MimlabError, match="crop_scale must be LOW,HIGH"):
             pretrain(cfg(tmp_path / "bad", "supervised", steps=1, crop_scale=bad))
     with pytest.raises(SystemExit) as exit_info:                  # argparse: usage line + message, exit 2
         main(["pretrain", "--method", "simmim", "--model", ARCH, "--model-kwargs", KW_TEXT, "--data", DATA,

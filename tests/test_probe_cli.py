@@ -66,7 +66,7 @@ def test_probe_npy_and_checkpoint(tmp_path, capsys):
     assert m["random_init"] is False and len(m["checkpoint_sha256"]) == 64
     # the same numbers as probing the in-memory model directly
     from mimlab.probe.api import ProbeConfig, probe
-    direct = probe({"m": model}, torch.from_numpy(x), batch_size=6, config=ProbeConfig())
+    direct = probe({"m": model}, torch.from_numpy(x), config=ProbeConfig(batch_size=6))
     assert m["layers"][1]["head_kl"] == pytest.approx(direct.models["m"]["layers"][1]["head_kl"], rel=1e-6)
 
 

@@ -64,7 +64,7 @@ def test_hf_vit_equals_timm_with_the_same_weights(vit_dir):
     with torch.no_grad():     # same function: the last hidden states agree
         torch.testing.assert_close(hf_model(pixel_values=x).last_hidden_state, twin.forward_features(x),
                                    rtol=1e-4, atol=1e-5)
-    res = probe({"hf": hf_model, "timm": twin}, x, batch_size=8, config=CFG).to_dict()
+    res = probe({"hf": hf_model, "timm": twin}, x, config=CFG.replace(batch_size=8)).to_dict()
     a, b = res["models"]["hf"], res["models"]["timm"]
     assert a["num_prefix_tokens"] == b["num_prefix_tokens"] == 1 and a["grid"] == b["grid"] == [4, 4]
     _assert_same_metrics(a, b)
@@ -77,7 +77,7 @@ def test_hf_vit_matches_its_own_attention_maps(vit_dir):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         maps = hf_model.double()(pixel_values=x.double(), output_attentions=True).attentions
-    res = probe({"m": hf_model.float()}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
+    res = probe({"m": hf_model.float()}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False)).to_dict()
     for li, A in enumerate(maps):
         ref = reference_metrics(A.numpy(), 1, (4, 4), (8, 8))
         for metric in METRICS:
@@ -91,15 +91,15 @@ def test_vitmae_masking_disabled_identity_order_and_repeatable(tmp_path):
     model, info = load_hf_model(tmp_path)
     assert info["hf_model_type"] == "vit_mae"
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    first = probe({"m": model}, x, batch_size=6, config=CFG).to_dict()["models"]["m"]
-    second = probe({"m": model}, x, batch_size=6, config=CFG).to_dict()["models"]["m"]
+    first = probe({"m": model}, x, config=CFG.replace(batch_size=6)).to_dict()["models"]["m"]
+    second = probe({"m": model}, x, config=CFG.replace(batch_size=6)).to_dict()["models"]["m"]
     for la, lb in zip(first["layers"], second["layers"]):
         for metric in METRICS:
             assert la[metric] == lb[metric]
     assert model.config.mask_ratio == 0.75          # restored after the probe
     # identity token order: the same numbers as a timm ViT with the same weights (a shuffle would move distances)
     twin = _timm_twin(model)
-    _assert_same_metrics(first, probe({"t": twin}, x, batch_size=6, config=CFG).to_dict()["models"]["t"])
+    _assert_same_metrics(first, probe({"t": twin}, x, config=CFG.replace(batch_size=6)).to_dict()["models"]["t"])
 
 
 def test_deit_and_beit_layouts(tmp_path):
@@ -113,7 +113,7 @@ def test_deit_and_beit_layouts(tmp_path):
         loaded, _ = load_hf_model(path)
         with torch.no_grad():
             maps = loaded.double()(pixel_values=x.double(), output_attentions=True).attentions
-        res = probe({"m": loaded.float()}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
+        res = probe({"m": loaded.float()}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False)).to_dict()
         m = res["models"]["m"]
         assert m["num_prefix_tokens"] == prefix and m["grid"] == [4, 4]
         for li, A in enumerate(maps):
@@ -136,7 +136,7 @@ def test_hf_swin_matches_its_own_window_maps(tmp_path):
         model.double()(pixel_values=x.double())
     for h in hooks:
         h.remove()
-    res = probe({"m": model.float()}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=True)).to_dict()
+    res = probe({"m": model.float()}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=True)).to_dict()
     m = res["models"]["m"]
     assert m["family"] == "swin" and [layer["stage"] for layer in m["layers"]] == [0, 0, 1, 1]
     for li, (A, blk) in enumerate(zip(maps, blocks, strict=True)):
@@ -162,13 +162,13 @@ def test_bad_hf_directories(tmp_path):
 
 
 def test_hf_spec_on_the_command_line(vit_dir, tmp_path):
-    from mimlab.probe.run import ProbeRequest, run_probe
+    from mimlab.probe.run import run_probe
 
-    req = ProbeRequest(models=[f"hf:{vit_dir}"], data="builtin", images=8, batch_size=4, out=str(tmp_path / "o"),
-                       workers=0, report=False, progress=False, config=ProbeConfig(bootstrap=0))
-    result, paths = run_probe(req)
+    cfg = ProbeConfig(models=[f"hf:{vit_dir}"], data="builtin", images=8, batch_size=4, out=str(tmp_path / "o"),
+                      workers=0, report=False, progress=False, bootstrap=0)
+    result, paths = run_probe(cfg)
     (label, m), = result.models.items()
     assert label.startswith("hf:") and "/" not in label and m["hf_model_type"] == "vit" and m["grid"] == [4, 4]
     assert paths["metrics"].exists()
     with pytest.raises(MimlabError, match="load their weights from PATH"):
-        run_probe(ProbeRequest(models=[f"hf:{vit_dir}@x.pth"], data="builtin", images=4, progress=False))
+        run_probe(ProbeConfig(models=[f"hf:{vit_dir}@x.pth"], data="builtin", images=4, progress=False))

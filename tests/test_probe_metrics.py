@@ -10,7 +10,7 @@ import torch
 
 from mimlab.models.layout import TokenLayout, inspect_layout
 from mimlab.probe.api import ProbeConfig, probe
-from mimlab.probe.attention_stats import METRICS, chunk_sums, finalize_image_stats
+from mimlab.probe.attention_stats import METRICS, chunk_sums_tensors, finalize_image_stats
 from mimlab.probe.reference import attention_maps_float64, reference_metrics
 
 SMALL = dict(img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=4, num_classes=0)
@@ -52,7 +52,7 @@ def test_metrics_match_float64_reference(name, sharpen):
     maps = attention_maps_float64(model, x)
     assert len(maps) == len(model.blocks)
     assert maps[0].shape[-1] == layout.num_tokens
-    res = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
+    res = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False)).to_dict()
     layers = res["models"]["m"]["layers"]
     for li, A in enumerate(maps):
         ref = reference_metrics(A, layout.num_prefix_tokens, layout.grid, layout.patch_size)
@@ -68,7 +68,7 @@ def test_float64_stats_match_reference_tightly():
     model = build("vit", 1.0)
     x = torch.randn(4, 3, 32, 32)
     maps = attention_maps_float64(model, x)
-    res = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False, stats_dtype="float64"))
+    res = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False, stats_dtype="float64"))
     for li, A in enumerate(maps):
         ref = reference_metrics(A, 1, (8, 8), (4, 4))
         for metric in METRICS:
@@ -86,7 +86,7 @@ def test_no_renormalize_scales_distance_by_patch_mass():
     model = build("vit", 6.0)
     x = torch.randn(4, 3, 32, 32)
     maps = attention_maps_float64(model, x)
-    res = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False, renormalize=False))
+    res = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False, renormalize=False))
     from mimlab.probe.reference import grid_distances
     D = grid_distances(1, (8, 8), (4, 4))
     for li, A in enumerate(maps):
@@ -99,7 +99,7 @@ def test_no_renormalize_scales_distance_by_patch_mass():
 def _values(logits, layout):
     D = layout.distance_matrix_px().float()
     P = layout.num_prefix_tokens
-    s = chunk_sums(logits[:, :, P:], num_prefix=P, dist_rows=D)
+    s = chunk_sums_tensors(logits[:, :, P:], D, P, 1e-8, True, True)
     return finalize_image_stats(s, layout.num_patches, layout.uniform_distance_px())
 
 
@@ -175,9 +175,9 @@ def test_masked_keys_are_exact_zeros():
 def test_batch_size_does_not_change_attention_metrics_and_runs_are_bitwise_identical():
     model = build("vit", 6.0)
     x = torch.randn(12, 3, 32, 32)
-    a = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=20, seed=3)).to_dict()
-    b = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=20, seed=3)).to_dict()
-    c = probe({"m": model}, x, batch_size=6, config=ProbeConfig(bootstrap=20, seed=3)).to_dict()
+    a = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=20, seed=3)).to_dict()
+    b = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=20, seed=3)).to_dict()
+    c = probe({"m": model}, x, config=ProbeConfig(batch_size=6, bootstrap=20, seed=3)).to_dict()
     for li in range(2):
         for metric in METRICS:
             assert a["models"]["m"]["layers"][li][metric] == b["models"]["m"]["layers"][li][metric]
@@ -190,8 +190,8 @@ def test_batch_size_does_not_change_attention_metrics_and_runs_are_bitwise_ident
 def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_images():
     model = build("vit", 6.0)
     x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    few = probe({"m": model}, x[:8], batch_size=8, config=ProbeConfig(bootstrap=200, cka=False)).to_dict()
-    many = probe({"m": model}, x, batch_size=8, config=ProbeConfig(bootstrap=200, cka=False)).to_dict()
+    few = probe({"m": model}, x[:8], config=ProbeConfig(batch_size=8, bootstrap=200, cka=False)).to_dict()
+    many = probe({"m": model}, x, config=ProbeConfig(batch_size=8, bootstrap=200, cka=False)).to_dict()
     for res in (few, many):
         layer = res["models"]["m"]["layers"][1]
         lo, hi = layer["layer_ci"]["attention_distance_px"]
@@ -205,8 +205,8 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_images():
 def test_js_can_be_skipped_and_is_then_nan_not_zero():
     model = build("vit", 6.0)
     x = torch.randn(4, 3, 32, 32)
-    full = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
-    nojs = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False, js=False)).to_dict()
+    full = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False)).to_dict()
+    nojs = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False, js=False)).to_dict()
     for li in range(2):
         a, b = full["models"]["m"]["layers"][li], nojs["models"]["m"]["layers"][li]
         assert all(math.isnan(v) for v in b["head_js"])
@@ -218,8 +218,8 @@ def test_statistics_run_in_float32_under_autocast():
     before the fix the logits matmul inherited autocast and rows summed to 1 +- 1e-2."""
     model = build("vit", 6.0)
     x = torch.randn(4, 3, 32, 32)
-    fp32 = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()
-    bf16 = probe({"m": model}, x, batch_size=4, precision="bf16", config=ProbeConfig(bootstrap=0, cka=False))
+    fp32 = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False)).to_dict()
+    bf16 = probe({"m": model}, x, config=ProbeConfig(batch_size=4, precision="bf16", bootstrap=0, cka=False))
     assert bf16.models["m"]["max_rowsum_error"] < 1e-5
     for li in range(2):
         np.testing.assert_allclose(bf16.models["m"]["layers"][li]["attention_distance_px"],

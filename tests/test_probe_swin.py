@@ -43,7 +43,7 @@ def build(kind: str, sharp: bool, **over) -> torch.nn.Module:
 def test_windowed_metrics_match_float64_reference(kind, sharp):
     model = build(kind, sharp)
     x = torch.randn(3, 3, 32, 64, generator=torch.Generator().manual_seed(1))
-    res = probe({"m": model}, x, batch_size=3, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()["models"]["m"]
+    res = probe({"m": model}, x, config=ProbeConfig(batch_size=3, bootstrap=0, cka=False)).to_dict()["models"]["m"]
     assert res["family"] == "swin" and [layer["stage"] for layer in res["layers"]] == [0, 0, 1, 1]
     assert [layer["window"]["shift"] for layer in res["layers"]] == [[0, 0], [2, 2], [0, 0], [0, 2]]
     maps = swin_attention_maps_float64(model, x)
@@ -100,7 +100,7 @@ def test_uniform_window_closed_form_and_shift_regions_are_not_neighbours():
     # one stage of 4x6 tokens (4 px each, 16x24 input), 2x2 windows; block 1 is shifted by (1, 1)
     model = _content_blind(build("swin", False, img_size=(16, 24), window_size=2, depths=(2,), num_heads=(2,)))
     x = torch.randn(4, 3, 16, 24)
-    res = probe({"m": model}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=False)).to_dict()["models"]["m"]
+    res = probe({"m": model}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=False)).to_dict()["models"]["m"]
     plain, shifted = res["layers"]
     assert plain["window"]["shift"] == [0, 0] and shifted["window"]["shift"] == [1, 1]
     # uniform attention over a 2x2 window of 4 px tokens: each query sees 0, 4, 4, 4*sqrt(2) px
@@ -135,7 +135,7 @@ def test_cka_uses_flattened_block_outputs():
         model.forward_features(x)
     for h in hooks:
         h.remove()
-    res = probe({"m": model}, x, batch_size=8, config=ProbeConfig(bootstrap=0)).to_dict()
+    res = probe({"m": model}, x, config=ProbeConfig(batch_size=8, bootstrap=0)).to_dict()
     got = np.asarray(res["cka"]["m/m"])
     assert got.shape == (4, 4)
     for i in range(4):

@@ -50,11 +50,12 @@ import torch
 torch.set_num_threads(1)
 import importlib
 for m in ("timm", "safetensors.torch", "tqdm.auto", "mimlab.cli", "mimlab.engine", "mimlab.models.factory",
-          "mimlab.models.checkpoints", "mimlab.pretrain.api", "mimlab.pretrain.data", "mimlab.pretrain.simmim",
+          "mimlab.models.checkpoints", "mimlab.pretrain.api", "mimlab.pretrain.data", "mimlab.data.images",
+          "mimlab.pretrain.simmim",
           "mimlab.pretrain.mae", "mimlab.pretrain.supervised", "mimlab.pretrain.masking", "mimlab.transfer.api",
           "mimlab.transfer.backbone", "mimlab.transfer.tasks.classify", "mimlab.transfer.tasks.keypoints",
-          "mimlab.transfer.tasks.depth", "mimlab.transfer.tasks.track", "mimlab.transfer.synthetic",
-          "mimlab.probe.api", "mimlab.probe.run", "mimlab.reproduce.pipeline", "mimlab.reproduce.report",
+          "mimlab.transfer.tasks.depth", "mimlab.transfer.tasks.track", "mimlab.data.downstream",
+          "mimlab.probe.api", "mimlab.probe.run", "mimlab.reproduce.pipeline", "mimlab.reproduce.summary", "mimlab.report.study",
           "mimlab.report.figures", "mimlab.report.html", "matplotlib.pyplot", "pycocotools.cocoeval"):
     try:
         importlib.import_module(m)
@@ -301,7 +302,7 @@ TR_STEPS, TR_SAVE = 24, 4
 
 @pytest.fixture(scope="module")
 def finegrained(tmp_path_factory):
-    from mimlab.transfer.synthetic import generate
+    from mimlab.data.downstream import generate
 
     root = tmp_path_factory.mktemp("fg") / "fg"
     generate("finegrained", root, num_classes=3, train_per_class=4, val_per_class=2, size=16)

@@ -145,7 +145,7 @@ def _enospc_on_write_text(monkeypatch, name: str) -> None:
 
 
 def test_disk_full_while_writing_a_transfer_result_keeps_the_previous_result(tmp_path, capsys, monkeypatch):
-    from mimlab.transfer.synthetic import generate
+    from mimlab.data.downstream import generate
 
     data = tmp_path / "fg"
     generate("finegrained", data, num_classes=3, train_per_class=3, val_per_class=2, size=16)

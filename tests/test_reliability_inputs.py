@@ -84,7 +84,7 @@ class Case:
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     """Small valid datasets in every on-disk format; each case copies what it breaks."""
-    from mimlab.transfer.synthetic import generate
+    from mimlab.data.downstream import generate
 
     root = tmp_path_factory.mktemp("reliability")
     generate("finegrained", root / "fg", num_classes=2, train_per_class=3, val_per_class=2, size=16)
@@ -618,7 +618,7 @@ def probe_nan_weights(where: str):
                 for prm in m.blocks[1].parameters():
                     prm.fill_(float("nan"))
         x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-        return _api(lambda: probe({"m": m}, x, batch_size=4, config=ProbeConfig(bootstrap=0, cka=True)))
+        return _api(lambda: probe({"m": m}, x, config=ProbeConfig(batch_size=4, bootstrap=0, cka=True)))
     return run
 
 
@@ -634,8 +634,11 @@ def probe_constant_features(ctx: dict, d: Path, capsys=None) -> Outcome:
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
     def run():
-        res = probe({"m": m}, x, batch_size=8, config=ProbeConfig(bootstrap=10))
-        res.save(d / "const_out", report=True)
+        from mimlab.report import write_probe_report
+
+        res = probe({"m": m}, x, config=ProbeConfig(batch_size=8, bootstrap=10))
+        res.save(d / "const_out")
+        write_probe_report(res.to_dict(), d / "const_out")
         return res
     return _api(run)
 
@@ -647,7 +650,7 @@ def probe_nan_input(ctx: dict, d: Path, capsys=None) -> Outcome:
     m = timm.create_model(ARCH, num_classes=0, **KW).eval()
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     x[5, 0, 0, 0] = float("nan")
-    return _api(lambda: probe({"m": m}, x, batch_size=4, config=ProbeConfig(bootstrap=0)))
+    return _api(lambda: probe({"m": m}, x, config=ProbeConfig(batch_size=4, bootstrap=0)))
 
 
 def all_cka_nan(res, d):
@@ -682,7 +685,7 @@ def pretrain_classes(n: int):
 
 
 def pretrain_gray16_values(res, d):
-    from mimlab.pretrain.data import FileSource
+    from mimlab.data.images import FileSource
 
     path = d / "imgs" / "a" / "0.png"
     img = FileSource([path], [0]).load(0).numpy()              # uint8 (3, H, W) as pretraining reads it

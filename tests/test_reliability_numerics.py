@@ -1,7 +1,7 @@
 """Property tests (hypothesis) for the production statistics: every attention metric and unbiased minibatch CKA.
 
 Attention metrics go through the probe's streaming entry points exactly as `mimlab.probe.api` uses them: logits
-(b, H, nq, N) are cut into query chunks, each chunk goes through `attention_stats.chunk_sums`, the chunk sums are
+(b, H, nq, N) are cut into query chunks, each chunk goes through `attention_stats.chunk_sums_tensors`, the chunk sums are
 added with `ChunkSums.__iadd__`, and `finalize_image_stats` turns them into per-image, per-head values. The rows are
 adversarial: near one-hot rows (logit gaps up to 1e4), rows with exact zeros (-inf logits, as a boolean attention
 mask produces), uniform rows, prefix tokens, 1-key and 1-query grids, float32 and float64 statistics.
@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mimlab.models.layout import TokenLayout
-from mimlab.probe.attention_stats import METRICS, chunk_sums, finalize_image_stats
-from mimlab.probe.api import feature_gram
+from mimlab.probe.attention_stats import METRICS, chunk_sums_tensors, finalize_image_stats
+from mimlab.probe.backends.torch_stats import feature_gram
 from mimlab.probe.cka import MinibatchCKA, gram_linear
 from mimlab.probe.reference import reference_metrics
 
@@ -100,7 +100,7 @@ def attention_case(draw, collapse: bool = True, only: str | None = None):
 
 def streaming_values(lay: TokenLayout, logits: torch.Tensor, chunks: list[int] | None = None, renormalize=True,
                      js=True, nmi_norm="geometric") -> dict[str, torch.Tensor]:
-    """The probe's path: patch-query rows in chunks -> chunk_sums -> += -> finalize_image_stats."""
+    """The probe's path: patch-query rows in chunks -> chunk_sums_tensors -> += -> finalize_image_stats."""
     P = lay.num_prefix_tokens
     N = lay.num_tokens
     D = lay.distance_matrix_px().to(logits.dtype)
@@ -109,8 +109,7 @@ def streaming_values(lay: TokenLayout, logits: torch.Tensor, chunks: list[int] |
     for q0, q1 in zip(bounds[:-1], bounds[1:]):
         if q1 <= q0:
             continue
-        part = chunk_sums(logits[:, :, q0:q1], num_prefix=P, dist_rows=D[q0 - P:q1 - P], eps=EPS,
-                          renormalize=renormalize, js=js)
+        part = chunk_sums_tensors(logits[:, :, q0:q1], D[q0 - P:q1 - P], P, EPS, renormalize, js)
         if sums is None:
             sums = part
         else:
@@ -269,7 +268,7 @@ def test_kl_floor_is_reached_not_a_bug():
 
 # ------------------------------------------------------------------------------------------------------ CKA
 def cka(*sets: torch.Tensor, batch: int, gram=feature_gram) -> torch.Tensor:
-    """The probe's CKA path: per batch a Gram per feature set (`api.feature_gram`: centred, float64), summed
+    """The probe's CKA path: per batch a Gram per feature set (`feature_gram`: centred, float64), summed
     unbiased HSIC over the batches (`MinibatchCKA`)."""
     n = sets[0].shape[0]
     acc = MinibatchCKA(len(sets))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mimlab.cli import main
-from mimlab.transfer.synthetic import generate
+from mimlab.data.downstream import generate
 
 KW = "img_size=16,patch_size=4,depth=2,embed_dim=32,num_heads=2"
 COMMON = ["--backbone", "vit_tiny_patch16_224", "--model-kwargs", KW, "--steps", "2", "--batch-size", "4",
@@ -61,11 +61,12 @@ def test_baselines_have_their_known_values(data, tmp_path):
 
 
 def test_linear_mode_keeps_backbone_and_ablation_recorded(data, tmp_path):
-    from mimlab.transfer.api import run_transfer
+    from mimlab.transfer.api import TransferConfig, run_transfer
 
-    report = run_transfer("classify", "vit_tiny_patch16_224", data / "fg", tmp_path / "lin",
-                          model_kwargs=dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2),
-                          steps=2, batch_size=4, mode="linear", progress=False, drop_last_blocks=1)
+    report = run_transfer(TransferConfig(
+        "classify", "vit_tiny_patch16_224", data / "fg", tmp_path / "lin",
+        model_kwargs=dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2), steps=2, batch_size=4,
+        mode="linear", progress=False, drop_last_blocks=1))
     assert report["backbone"]["drop_last_blocks"] == 1 and report["backbone"]["num_blocks"] == 1
     assert report["train"]["trainable_params"] == 32 * 3 + 3
     state = torch.load(tmp_path / "lin" / "checkpoints" / "last.pt", weights_only=True)["model"]

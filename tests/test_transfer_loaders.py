@@ -15,9 +15,9 @@ from mimlab.transfer.datasets.common import load_depth_png, load_rgb
 from mimlab.transfer.datasets.depth import crop_mask, find_depth_splits, read_split_file
 from mimlab.transfer.datasets.imagefolder import find_imagefolder
 from mimlab.transfer.datasets.tracking import find_tracking_splits, load_sequence, parse_groundtruth
-from mimlab.transfer.synthetic import generate
-from mimlab.transfer.synthetic.finegrained import class_names
-from mimlab.transfer.synthetic.keypoints import KEYPOINT_NAMES
+from mimlab.data.downstream import generate
+from mimlab.data.downstream.finegrained import class_names
+from mimlab.data.downstream.keypoints import KEYPOINT_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -229,13 +229,13 @@ def test_lasot_layout(synth, tmp_path):
 def test_data_subcommand_hook(tmp_path, capsys):
     import argparse
 
-    from mimlab.transfer.synthetic import add_data_subcommands, run_data_subcommand
+    from mimlab.cli.data import add_downstream_subcommands, run_downstream_subcommand
 
     parser = argparse.ArgumentParser(prog="mimlab data")
-    add_data_subcommands(parser.add_subparsers(dest="kind", required=True))
+    add_downstream_subcommands(parser.add_subparsers(dest="kind", required=True))
     args = parser.parse_args(["tracking", "--out", str(tmp_path / "t"), "--train-sequences", "1",
                               "--val-sequences", "1", "--length", "3", "--size", "32", "--seed", "5"])
-    assert run_data_subcommand(args) == 0 and "wrote tracking dataset" in capsys.readouterr().out
+    assert run_downstream_subcommand(args) == 0 and "wrote tracking dataset" in capsys.readouterr().out
     train, val = find_tracking_splits(tmp_path / "t")
     assert len(train) == 1 and len(val[0].frames) == 3
     assert json.loads((tmp_path / "t" / "dataset.json").read_text())["seed"] == 5

@@ -45,7 +45,7 @@ def test_gaussian_and_decoding_quarter_offset():
 
 def test_keypoint_targets_round_trip(tmp_path):
     from mimlab.transfer.datasets.coco_keypoints import find_coco_splits, flip_pairs, load_coco_keypoints
-    from mimlab.transfer.synthetic import generate
+    from mimlab.data.downstream import generate
     from mimlab.transfer.tasks.keypoints import KeypointDataset
     from mimlab.transfer.tasks.options import KEYPOINTS
 

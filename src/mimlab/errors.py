@@ -1,5 +1,32 @@
-"""One exception type for user-facing errors: the CLI prints its message on one line and exits non-zero."""
+"""User-facing errors: the CLI prints the message on one line and exits 2."""
+from __future__ import annotations
+
+import re
 
 
 class MimlabError(Exception):
     """A problem with the user's input (path, key, argument): the message names it and says what is wrong."""
+
+
+class ConfigError(MimlabError):
+    """A bad value of one parameter, named as in Python (`batch_size`); the CLI names the flag (`--batch-size`).
+
+    `str(e)` is `"<param> <detail>"`; `e.param` and `e.detail` let a front end put its own name for the
+    parameter in front of the detail."""
+
+    def __init__(self, param: str, detail: str | None = None):
+        if detail is None:      # re-created from its message alone (a DataLoader worker re-raises so)
+            param, detail = "", param
+        self.param, self.detail = param, detail
+        super().__init__(f"{param} {detail}" if param else detail)
+
+
+def clean_worker_message(e: BaseException) -> str:
+    """The message of a MimlabError re-raised by a DataLoader from a worker process, without the worker's
+    traceback that torch prepends (`Caught MimlabError in DataLoader worker process 0. Original Traceback ...`)."""
+    text = str(e).strip()
+    if "Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]   # "mimlab.errors.MimlabError: <message>" (or a subclass)
+    m = re.match(r"^[A-Za-z_][\w.]*: (.*)$", last)
+    return m.group(1) if m else last

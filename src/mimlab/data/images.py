@@ -15,30 +15,43 @@ EXIF orientation is not applied (as in torchvision and timm).
 """
 from __future__ import annotations
 
-import re
+import math
+import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
+
+if TYPE_CHECKING:
+    from mimlab.data.spec import DataSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def list_images(root: str | Path) -> list[Path]:
+def image_files(root: Path, recursive: bool = True) -> list[Path]:
+    """The image files in `root` (by extension, case-insensitive), sorted by their path relative to `root`: the one
+    folder scanner of mimlab (the probe's folders, pretraining's class folders, the transfer ImageFolder splits)."""
+    found = root.rglob("*") if recursive else root.iterdir()
+    return sorted((p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
+def list_images(root: str | Path, param: str = "data") -> list[Path]:
     """All image files under `root`, recursively, sorted by their path relative to `root`."""
     root = Path(root)
     if not root.exists():
-        raise MimlabError(f"--data {root}: no such file or directory")
+        raise ConfigError(param, f"{root}: no such file or directory")
     if not root.is_dir():
-        raise MimlabError(f"--data {root}: not a directory or a .npy file")
-    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
+        raise ConfigError(param, f"{root}: not a directory or a .npy file")
+    files = image_files(root)
     if not files:
-        raise MimlabError(f"--data {root}: no images found (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+        raise ConfigError(param, f"{root}: no images found (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -93,17 +106,6 @@ def open_rgb(path: str | Path):
         raise MimlabError(f"cannot read image {path}: {text}") from None
 
 
-def clean_worker_message(e: BaseException) -> str:
-    """The message of a MimlabError re-raised by a DataLoader from a worker process, without the worker's
-    traceback that torch prepends (`Caught MimlabError in DataLoader worker process 0. Original Traceback ...`)."""
-    text = str(e).strip()
-    if "Traceback" not in text:
-        return text
-    last = text.splitlines()[-1]   # "mimlab.errors.MimlabError: <message>" (or a subclass)
-    m = re.match(r"^[A-Za-z_][\w.]*: (.*)$", last)
-    return m.group(1) if m else last
-
-
 class MultiTransformImages(Dataset):
     """Item i = tuple of `transform(load(items[i]))` for each transform (one per distinct model data config).
 
@@ -141,7 +143,7 @@ class RepeatTensor(Dataset):
         xi = self.x[i]
         if not bool(torch.isfinite(xi).all()):
             src = _NPY_SOURCES.get(self.x.untyped_storage().data_ptr(), "(the .npy array)")
-            raise MimlabError(f"--data {src}: image {i} holds NaN or inf values; the probe needs finite, "
+            raise ConfigError("data", f"{src}: image {i} holds NaN or inf values; the probe needs finite, "
                               "normalised pixels")
         return (xi,) * self.k
 
@@ -151,17 +153,125 @@ def load_npy(path: str | Path) -> torch.Tensor:
     image it serves for NaN/inf)."""
     path = Path(path)
     if not path.is_file():
-        raise MimlabError(f"--data {path}: no such file")
+        raise ConfigError("data", f"{path}: no such file")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise MimlabError(f"--data {path}: not a readable .npy array ({e})") from None
+        raise ConfigError("data", f"{path}: not a readable .npy array ({e})") from None
     if arr.ndim != 4 or arr.shape[1] != 3:
-        raise MimlabError(f"--data {path}: expected shape N x 3 x H x W, got {tuple(arr.shape)}")
+        raise ConfigError("data", f"{path}: expected shape N x 3 x H x W, got {tuple(arr.shape)}")
     if arr.dtype != np.float32:
-        raise MimlabError(f"--data {path}: expected float32 (already normalised), got {arr.dtype}")
+        raise ConfigError("data", f"{path}: expected float32 (already normalised), got {arr.dtype}")
     if arr.shape[0] == 0:
-        raise MimlabError(f"--data {path}: holds no images (shape {tuple(arr.shape)})")
+        raise ConfigError("data", f"{path}: holds no images (shape {tuple(arr.shape)})")
     x = torch.from_numpy(np.ascontiguousarray(arr))   # still memory-mapped: images are read when used
     _NPY_SOURCES[x.untyped_storage().data_ptr()] = str(path)
     return x
+
+
+# ------------------------------------------------------------------------------ class folders, sources
+def scan_class_folders(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """ImageNet layout (sorted class sub-directories, sorted files, searched recursively) or a flat folder."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files: list[Path] = []
+    labels: list[int] = []
+    names: list[str] = []
+    for c in classes:
+        found = image_files(root / c)
+        if found:
+            labels += [len(names)] * len(found)
+            names.append(c)
+            files += found
+    flat = image_files(root, recursive=False)
+    if not files:
+        files, labels, names = flat, [0] * len(flat), ["."]
+    elif flat:
+        print(f"warning: {root}: ignoring {len(flat)} images next to the class folders", file=sys.stderr)
+    if not files:
+        raise ConfigError("data", f"{root}: no images found (expected ROOT/CLASS/*.jpg or a folder of images)")
+    return files, labels, names
+
+
+class ArraySource:
+    """Images held in memory as uint8 (N, H, W, 3)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) view
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, i: int) -> str:
+        return f"builtin image {i}"
+
+    def load(self, i: int) -> Any:
+        return self.images[i]
+
+
+class FileSource:
+    """Image files read with PIL (RGB); unreadable files raise MimlabError naming the path."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int]):
+        self.files = list(files)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return str(self.files[i])
+
+    def load(self, i: int) -> Any:
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        return pil_to_tensor(open_rgb(self.files[i]))
+
+
+# ---------------------------------------------------------------------------- normalisation
+def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 ``(x / 255 - mean) / std`` on the tensor's device."""
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def build_eval_transform(size: tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD) -> Callable:
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.Resize(min(size), antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def held_out_images(spec: "DataSpec", size: tuple[int, int], n: int, *, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD, source: FileSource | None = None) -> torch.Tensor:
+    """A fixed, normalised (n, 3, H, W) set for the online probe.
+
+    Built-in data: images of the same classes with indices past the training ones (never seen in training).
+    A folder: n files spread evenly over the (sorted) dataset, resized and centre-cropped (these are training
+    images; pass a separate folder with --probe-data for a held-out set).
+    """
+    tf = build_eval_transform(size, mean, std)
+    if spec.kind == "builtin":
+        p = spec.params
+        classes = p["classes"]
+        per = max(1, math.ceil(n / classes))
+        from mimlab.data.builtin import builtin_array
+
+        images, _, _ = builtin_array(p["kind"], classes=classes, per_class=per, size=max(size), seed=p["seed"],
+                                     offset=p["per_class"])
+        order = np.arange(len(images)).reshape(classes, per).T.reshape(-1)[:n]  # round-robin over classes
+        return torch.stack([tf(torch.from_numpy(images[i]).permute(2, 0, 1)) for i in order]).as_subclass(torch.Tensor)
+    src = source if source is not None else FileSource(*scan_class_folders(spec.path)[:2])
+    idx = np.linspace(0, len(src) - 1, num=min(n, len(src))).round().astype(int)
+    out = []
+    for i in idx:
+        try:
+            out.append(tf(src.load(int(i))))
+        except MimlabError:
+            continue
+    if not out:
+        raise ConfigError("data", f"{spec.path}: no readable image for the online probe")
+    return torch.stack(out).as_subclass(torch.Tensor)

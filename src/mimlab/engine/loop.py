@@ -25,7 +25,7 @@ from mimlab.engine.sampler import SeededDataset, StepBatchSampler, mix_seed
 from mimlab.engine.schedule import SCHEDULES, lr_at
 from mimlab.engine.state import (capture_rng, checkpoint_path, guard_out_dir, identity_diff, load_checkpoint,
                                  restore_rng, save_checkpoint)
-from mimlab.errors import MimlabError
+from mimlab.errors import MimlabError, clean_worker_message
 
 LossFn = Callable[[nn.Module, Any], Any]
 SKIPPED_KEY = "_skipped"  # optional per-sample count in dict batches: unreadable inputs replaced by the dataset
@@ -63,14 +63,6 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> A
         out = [to_device(v, device, non_blocking) for v in batch]
         return type(batch)(out) if not hasattr(batch, "_fields") else type(batch)(*out)
     return batch
-
-
-def _clean_worker_message(e: Exception) -> str:
-    """A MimlabError raised inside a DataLoader worker arrives with the worker's traceback; keep its message."""
-    text = str(e).strip()
-    marker = "MimlabError: "
-    last = text.splitlines()[-1] if text else text
-    return last.split(marker, 1)[1] if marker in last else last
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -410,7 +402,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
                 try:
                     batch = next(batches)
                 except MimlabError as e:
-                    raise MimlabError(_clean_worker_message(e)) from None
+                    raise MimlabError(clean_worker_message(e)) from None
                 if isinstance(batch, dict) and SKIPPED_KEY in batch:
                     result.skipped_samples += int(batch.pop(SKIPPED_KEY).sum())
                 batch = to_device(batch, device, non_blocking=pin)

@@ -1,15 +1,12 @@
-"""Hugging Face transformers vision models for the probe: loading from a local directory and their token layouts.
+"""Hugging Face transformers vision models: loading a local `save_pretrained` directory, token layouts, conversion.
 
 `ARCH` = `hf:PATH` on the command line: PATH is a `save_pretrained` directory (config.json + weights). Supported
 `model_type`s: vit, deit, beit, vit_mae, swin (base models; a checkpoint saved from a task model, e.g.
 ViTForImageClassification, loads its backbone and the head is reported as unused). Attention is forced to the
-"eager" implementation (the logits go through one `F.softmax`, which `mimlab.probe.capture.capture_softmax`
-intercepts). Nothing is downloaded: `local_files_only=True`. transformers is an optional dependency
+"eager" implementation (the logits go through one `F.softmax`, which the probe intercepts; its adapters for these
+models are in `mimlab.probe.families.hf`). Nothing is downloaded: `local_files_only=True`. transformers is an optional dependency
 (`pip install mimlab[hf]`) and is imported lazily.
 
-ViTMAE: its embedding randomly shuffles and drops tokens. The probe sets `mask_ratio = 0` for its forward and passes
-`noise = arange(L)` so that the shuffle is the identity, then checks the returned `ids_restore` and `mask` (a
-CaptureError if the token order is not the identity or any token is masked).
 """
 from __future__ import annotations
 
@@ -43,7 +40,7 @@ def is_hf_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.")
 
 
-def _pair(v) -> tuple[int, int]:
+def pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
 
 
@@ -117,12 +114,12 @@ def force_eager(model: nn.Module) -> None:
         raise MimlabError(f"{type(model).__name__}: cannot switch attention to 'eager'")
 
 
-def _base(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", model)
     return base if isinstance(base, nn.Module) else model
 
 
-def _layer_list(base: nn.Module) -> nn.ModuleList:
+def layer_list(base: nn.Module) -> nn.ModuleList:
     """The transformer layers of a ViT-like HF model (transformers 5: `layers`; 4.x: `encoder.layer`)."""
     for path in ("layers", "encoder.layer", "encoder.layers"):
         obj: Any = base
@@ -139,91 +136,11 @@ def token_layout(model: nn.Module) -> TokenLayout:
     mt = cfg.model_type
     if mt not in _PREFIX_TOKENS:
         raise MimlabError(f"{type(model).__name__}: model_type {mt!r} has no ViT token layout")
-    img, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
+    img, patch = pair(cfg.image_size), pair(cfg.patch_size)
     if img[0] % patch[0] or img[1] % patch[1]:
         raise MimlabError(f"{type(model).__name__}: image_size {img} is not a multiple of patch_size {patch}")
     return TokenLayout(num_prefix_tokens=_PREFIX_TOKENS[mt], grid=(img[0] // patch[0], img[1] // patch[1]),
                        patch_size=patch)
-
-
-def hf_adapter(model: nn.Module):
-    """The probe adapter for a supported HF model (see `mimlab.probe.families`)."""
-    from mimlab.probe.families import ModelAdapter, global_layers
-
-    base = _base(model)
-    mt = getattr(base.config, "model_type", None)
-    if mt not in SUPPORTED_TYPES:
-        raise MimlabError(f"{type(model).__name__}: unsupported Hugging Face model_type {mt!r}; supported: "
-                          f"{', '.join(SUPPORTED_TYPES)}")
-    force_eager(base)
-    if mt == "swin":
-        return _swin_adapter(base)
-    layout = token_layout(base)
-    layers = _layer_list(base)
-    named = [(f"layers.{i}", layer.attention) for i, layer in enumerate(layers)]
-    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(layers)]
-    forward = _vitmae_forward(base) if mt == "vit_mae" else (lambda x: base(pixel_values=x))
-    info = {**layout.to_dict(), "hf_model_type": mt}
-    return ModelAdapter(family="vit", capture="softmax", layers=global_layers(named, layout), blocks=blocks,
-                        num_prefix=layout.num_prefix_tokens, img_size=layout.img_size, info=info, forward_fn=forward)
-
-
-def _vitmae_forward(base: nn.Module):
-    """ViTMAE forward with masking disabled and the identity token order, verified on every batch."""
-    from mimlab.probe.capture import CaptureError
-
-    def forward(x: torch.Tensor) -> None:
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            seen["mask"], seen["ids_restore"] = output[1], output[2]
-
-        L = base.embeddings.patch_embeddings.num_patches
-        noise = torch.arange(L, device=x.device, dtype=torch.float32).expand(x.shape[0], L)
-        old = base.config.mask_ratio
-        base.config.mask_ratio = 0.0
-        handle = base.embeddings.register_forward_hook(grab)
-        try:
-            base(pixel_values=x, noise=noise)
-        finally:
-            handle.remove()
-            base.config.mask_ratio = old
-        ids = seen.get("ids_restore")
-        if ids is None or not torch.equal(ids.cpu(), torch.arange(L).expand(x.shape[0], L)) or \
-                bool(seen["mask"].any()):
-            raise CaptureError("ViTMAE: the token order after the embedding is not the identity or tokens are "
-                               "masked; cannot place tokens on the patch grid")
-    return forward
-
-
-def _swin_adapter(base: nn.Module):
-    """HF SwinModel: `encoder.layers[s].blocks[j].attention`; window clamped like HF (window = min(feature map)
-    and no shift when the map is not larger than the window); the block's own shift mask is checked."""
-    from mimlab.probe.families import ModelAdapter, _check_shift_mask, swin_geometry, window_layer
-
-    cfg = base.config
-    img, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
-    label = f"hf swin ({type(base).__name__})"
-    layers, blocks = [], []
-    for s, stage in enumerate(base.encoder.layers):
-        for j, blk in enumerate(stage.blocks):
-            name = f"layers.{s}.blocks.{j}"
-            feat = _pair(blk.input_resolution)
-            win, shift = int(blk.window_size), int(blk.shift_size)
-            if min(feat) <= win:
-                win, shift = min(feat), 0
-            geom = swin_geometry(label, img, feat, (win, win), (shift, shift))
-            blk.set_shift_and_window_size(feat)
-            mask = blk.get_attn_mask(feat[0], feat[1], dtype=torch.float32, device=torch.device("cpu"))
-            _check_shift_mask(label, name, geom, mask)
-            layers.append(window_layer(name, blk.attention, s, geom))
-            blocks.append((name, blk))
-    first = layers[0].geometry
-    info = {"num_prefix_tokens": 0, "grid": list(first.feat), "patch_size": list(patch), "img_size": list(img),
-            "stages": len(base.encoder.layers), "hf_model_type": "swin",
-            "windows": {layer.name: layer.geometry.to_dict() for layer in layers}}
-    return ModelAdapter(family="swin", capture="softmax", layers=layers, blocks=blocks, num_prefix=0, img_size=img,
-                        info=info, forward_fn=lambda x: base(pixel_values=x))
 
 
 # ---------------------------------------------------------------------------------------- weights for timm parity
@@ -243,14 +160,14 @@ def hf_vit_to_timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     model (transformers 5 names `q_proj/k_proj/v_proj/o_proj`, `mlp.fc1/fc2`; 4.x names `attention.attention.query`
     ..., `intermediate.dense`, `output.dense`). Build the timm model with the HF config's sizes, `qkv_bias`
     = config.qkv_bias and LayerNorm eps = config.layer_norm_eps (timm's default is 1e-6, HF ViT's 1e-12)."""
-    base = _base(model)
+    base = base_model(model)
     emb = base.embeddings
     sd: dict[str, torch.Tensor] = {
         "cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
         "patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
         "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
     }
-    for i, layer in enumerate(_layer_list(base)):
+    for i, layer in enumerate(layer_list(base)):
         att = layer.attention
         q = _linear(att, "q_proj", "attention.query")
         k = _linear(att, "k_proj", "attention.key")

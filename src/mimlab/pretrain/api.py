@@ -3,8 +3,8 @@
 Outputs in ``out``: ``checkpoints/last.pt`` (full training state, see `mimlab.engine`), ``model.safetensors``
 (the encoder as a plain timm state dict: loads strictly into ``create_model(arch, same kwargs)``, no mask token,
 decoder or classifier keys; ``model_ema.safetensors`` too with EMA), ``metrics.csv`` (one row per step),
-``probe.csv`` (with ``probe_every``), ``tensorboard/`` and ``run.json`` (config, lr rule, mask geometry, data,
-result, provenance).
+``<callback>.csv`` for each engine callback (the online probe of `mimlab.probe.online` writes ``probe.csv``),
+``tensorboard/`` and ``run.json`` (config, lr rule, mask geometry, data, result, provenance).
 """
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
+
+if TYPE_CHECKING:
+    from mimlab.data.spec import DataSpec
+    from mimlab.engine import Callback
 
 METHODS = ("simmim", "mae", "supervised")
 LR_REFERENCE_BATCH = 512  # lr = base_lr * global_batch / 512 (SimMIM's rule; MAE/DeiT bases are converted to it)
@@ -44,8 +48,13 @@ METHOD_DEFAULTS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig:
+    """Everything one pretraining run depends on (the `mimlab pretrain` flags; None = the method's recipe)."""
+
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"out", "resume", "overwrite", "save_every", "workers",
+                                                      "threads", "log_every", "tensorboard", "progress", "stop_after"})
+
     method: str
     model: str
     data: str = "builtin"
@@ -58,8 +67,6 @@ class PretrainConfig:
     save_every: int = 0
     resume: bool = False
     overwrite: bool = False
-    probe_every: int = 0
-    probe_images: int = 32
     deterministic: bool = False
     device: str = "auto"
     compile: bool = False
@@ -113,13 +120,13 @@ def _say(msg: str) -> None:
 
 
 def _loss_simmim(net, batch):
-    from mimlab.pretrain.data import normalize
+    from mimlab.data.images import normalize
 
     return net(normalize(batch["image"]), batch["mask"])
 
 
 def _loss_mae(net, batch):
-    from mimlab.pretrain.data import normalize
+    from mimlab.data.images import normalize
 
     return net(normalize(batch["image"]), batch["noise"])
 
@@ -131,7 +138,7 @@ class _NormalizedLoss:
         self.loss = loss
 
     def __call__(self, net, batch):
-        from mimlab.pretrain.data import normalize
+        from mimlab.data.images import normalize
 
         return self.loss(net, {**batch, "image": normalize(batch["image"])})
 
@@ -190,161 +197,115 @@ def export_encoder_state(encoder, arch: str, model_kwargs: dict[str, Any]) -> di
 
 
 def _save_weights(sd: dict[str, Any], path: Path) -> None:
-    try:
-        from mimlab.models.checkpoints import save_state_dict
-    except ImportError:  # pragma: no cover - before the checkpoints module exists
-        from safetensors.torch import save_file
+    from mimlab.models.checkpoints import save_state_dict
 
-        from mimlab.utils.io import atomic_path
-
-        with atomic_path(path) as tmp:
-            save_file(sd, str(tmp))
-        return
     save_state_dict(sd, path)
 
 
-def _probe_callback(cfg: PretrainConfig, spec, img_size: tuple[int, int]):
-    from mimlab.engine import Callback
-
-    try:
-        from mimlab.probe.api import probe
-    except ImportError as e:  # pragma: no cover
-        raise MimlabError(f"--probe-every needs mimlab.probe.api ({e})") from None
-    state: dict[str, Any] = {}
-
-    def fn(ctx):
-        if "images" not in state:
-            from mimlab.pretrain.data import held_out_images
-
-            state["images"] = held_out_images(spec, img_size, cfg.probe_images)
-        encoder = ctx.model.encoder
-        res = probe({"model": encoder}, state["images"], batch_size=min(32, cfg.probe_images), device=ctx.device,
-                    seed=cfg.seed, cka=False, bootstrap=0).to_dict()
-        rows = []
-        for i, layer in enumerate(res["models"]["model"]["layers"]):
-            row = {"layer": i}
-            row.update({k: float(v) for k, v in layer["layer_mean"].items()})
-            rows.append(row)
-        return rows
-
-    return Callback("probe", every=cfg.probe_every, fn=fn, at_start=True, at_end=True)
-
-
-def pretrain(cfg: PretrainConfig) -> PretrainResult:
+def pretrain(cfg: PretrainConfig, callbacks: Sequence["Callback"] = ()) -> PretrainResult:
     """Run one pretraining; the output directory is locked for the run's lifetime (`mimlab.utils.lock`), so a
-    second run into the same ``--out`` fails at once instead of corrupting this one (rank 0 holds the lock)."""
+    second run into the same ``out`` fails at once instead of corrupting this one (rank 0 holds the lock).
+
+    `callbacks`: engine callbacks run during training (e.g. `mimlab.probe.online.online_probe`, which the CLI adds
+    for ``--probe-every``); each writes ``<name>.csv``."""
     from mimlab.utils.lock import run_lock
 
+    check_config(cfg)
     if not _is_main():
-        return _pretrain(cfg)
+        return _pretrain(cfg, callbacks)
     with run_lock(cfg.out, verb="mimlab pretrain"):
-        return _pretrain(cfg)
+        return _pretrain(cfg, callbacks)
 
 
-def _pretrain(cfg: PretrainConfig) -> PretrainResult:
-    import torch
-
-    from mimlab.engine import TrainConfig, seed_everything, train
-    from mimlab.models.factory import create_model
-    from mimlab.pretrain import data as D
-    from mimlab.pretrain.mae import MAE
-    from mimlab.pretrain.masking import (MAE_MASK_RATIO, SIMMIM_MASK_RATIO, MaskGeometry, choose_mask_patch_size)
-    from mimlab.pretrain.simmim import SimMIM, encoder_geometry
-    from mimlab.pretrain.supervised import Supervised
-    from mimlab.utils.io import atomic_write_json
-    from mimlab.utils.provenance import provenance
-
+def check_config(cfg: PretrainConfig) -> None:
+    """Every check that needs no data or model, before anything is printed or built."""
     if cfg.method not in METHODS:
-        raise MimlabError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
-    if cfg.probe_every < 0:
-        raise MimlabError("--probe-every must be >= 0")
+        raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got '{cfg.method}'")
     if cfg.crop_scale is not None:
         cs = tuple(cfg.crop_scale)
         if len(cs) != 2 or not all(isinstance(v, (int, float)) for v in cs) or not 0 < cs[0] <= cs[1] <= 1:
-            raise MimlabError(f"--crop-scale must be LOW,HIGH with 0 < LOW <= HIGH <= 1, got {cfg.crop_scale}")
-    if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise MimlabError(f"--threads must be >= 1, got {cfg.threads}")
-        torch.set_num_threads(cfg.threads)
-    defaults = METHOD_DEFAULTS[cfg.method]
-    out = Path(cfg.out)
-    spec = D.parse_data_spec(cfg.data)
+            raise ConfigError("crop_scale", f"must be LOW,HIGH with 0 < LOW <= HIGH <= 1, got {cfg.crop_scale}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError("threads", f"must be >= 1, got {cfg.threads}")
+    for name in ("steps", "batch_size", "accum_steps"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(name, f"must be >= 1, got {value}")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError("lr", f"must be a positive number, got {cfg.lr}")
 
-    # --- data source first (supervised needs the class count to build the head) -------------------------------
-    files = None
-    if spec.kind == "folder":
-        files, labels, class_names = D.scan_image_folder(spec.path)
-        if cfg.method == "supervised" and len(class_names) < 2:
-            raise MimlabError(f"--data {spec.path}: supervised pretraining needs >= 2 class folders "
-                              f"(ROOT/CLASS/*.jpg), found {len(class_names)}")
-        num_classes = len(class_names)
-    else:
-        num_classes = spec.params["classes"]
 
-    # --- model ---------------------------------------------------------------------------------------------------
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.drop_path is not None and "drop_path_rate" not in kwargs:
-        kwargs["drop_path_rate"] = cfg.drop_path
-    seed_everything(cfg.seed)
-    encoder, _ = create_model(cfg.model, kwargs, num_classes=num_classes if cfg.method == "supervised" else 0)
-    pe = getattr(encoder, "patch_embed", None)
-    if pe is None or not hasattr(pe, "img_size"):
-        raise MimlabError(f"{cfg.model}: not a patch-embedding transformer (ViT/BEiT/Swin) that mimlab can pretrain")
-    img_size = tuple(int(s) for s in (pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size,) * 2))
+@dataclass
+class _Method:
+    """The method's network around the encoder, what its dataset must draw per sample, and its description."""
 
-    method_info: dict[str, Any] = {}
-    mask_fn = None
-    num_tokens = 0
+    net: Any
+    mask_fn: Any = None            # SimMIM: rng -> token mask
+    num_tokens: int = 0            # MAE: noise values per sample
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _build_method(cfg: PretrainConfig, encoder, img_size: tuple[int, int], num_classes: int) -> _Method:
+    from mimlab.pretrain.mae import MAE
+    from mimlab.pretrain.masking import MAE_MASK_RATIO, SIMMIM_MASK_RATIO, MaskGeometry, choose_mask_patch_size
+    from mimlab.pretrain.simmim import SimMIM, encoder_geometry
+    from mimlab.pretrain.supervised import Supervised
+
     if cfg.method == "simmim":
         g = encoder_geometry(encoder)
         mps = cfg.mask_patch_size or choose_mask_patch_size(img_size, g["patch_size"])
         geom = MaskGeometry(img_size, g["patch_size"], mps, cfg.mask_ratio or SIMMIM_MASK_RATIO)
-        net = SimMIM(encoder)
-        mask_fn = geom.sample
-        method_info = {"mask": geom.describe(), "encoder_stride": g["stride"], "family": g["family"],
-                       "mask_patch_size_rule": "given" if cfg.mask_patch_size else
-                       "official 32 px if the image is >= 192 px, else ~ side/7 (multiple of the patch size)"}
-        m = method_info["mask"]
+        info = {"mask": geom.describe(), "encoder_stride": g["stride"], "family": g["family"],
+                "mask_patch_size_rule": "given" if cfg.mask_patch_size else
+                "official 32 px if the image is >= 192 px, else ~ side/7 (multiple of the patch size)"}
+        m = info["mask"]
         _say(f"SimMIM mask: {m['mask_patch_size']} px cells on a {m['mask_cells'][0]}x{m['mask_cells'][1]} grid "
              f"({img_size[0]}x{img_size[1]} px, patch {g['patch_size']}), {m['masked_cells']} masked "
              f"(ratio {geom.mask_ratio}), AvgDist {m['avg_dist_px']:.2f} px; encoder stride {g['stride']}")
-    elif cfg.method == "mae":
+        return _Method(SimMIM(encoder), mask_fn=geom.sample, info=info)
+    if cfg.method == "mae":
         net = MAE(encoder, mask_ratio=cfg.mask_ratio or MAE_MASK_RATIO, decoder_dim=cfg.decoder_dim,
                   decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads, norm_pix_loss=cfg.norm_pix_loss)
-        num_tokens = net.num_tokens
-        method_info = {"mae": net.decoder_config}
         d = net.decoder_config
         _say(f"MAE: {d['keep_tokens']}/{d['tokens']} tokens visible (ratio {d['mask_ratio']}), decoder "
              f"{d['decoder_depth']} x {d['decoder_dim']} ({d['decoder_heads']} heads), norm_pix_loss "
              f"{d['norm_pix_loss']}")
-    else:
-        net = Supervised(encoder)
-        method_info = {"num_classes": num_classes, "label_smoothing": cfg.label_smoothing, "mixup": cfg.mixup,
-                       "cutmix": cfg.cutmix}
+        return _Method(net, num_tokens=net.num_tokens, info={"mae": net.decoder_config})
+    return _Method(Supervised(encoder), info={"num_classes": num_classes, "label_smoothing": cfg.label_smoothing,
+                                             "mixup": cfg.mixup, "cutmix": cfg.cutmix})
 
-    # --- dataset -------------------------------------------------------------------------------------------------
+
+def _build_dataset(cfg: PretrainConfig, spec: DataSpec, files, labels, num_classes: int, img_size: tuple[int, int],
+                   method: _Method):
+    """The augmented dataset and its description for run.json."""
+    from mimlab.data.builtin import builtin_array
+    from mimlab.data.images import IMAGENET_MEAN, IMAGENET_STD, ArraySource, FileSource
+    from mimlab.pretrain.data import CROP_SCALE, Augment, PretrainDataset
+
     if spec.kind == "builtin":
         p = spec.params
         size = p.get("size", max(img_size))
-        images, labels, cache = D.builtin_array(p["kind"], classes=p["classes"], per_class=p["per_class"],
-                                                size=size, seed=p["seed"])
-        source = D.ArraySource(images, labels)
-        data_info = {"kind": "builtin", "generator": p["kind"], "classes": p["classes"],
-                     "per_class": p["per_class"], "size": size, "seed": p["seed"], "images": len(source),
-                     "cache": str(cache) if cache else None}
+        images, labels, cache = builtin_array(p["kind"], classes=p["classes"], per_class=p["per_class"],
+                                              size=size, seed=p["seed"])
+        source = ArraySource(images, labels)
+        info = {"kind": "builtin", "generator": p["kind"], "classes": p["classes"], "per_class": p["per_class"],
+                "size": size, "seed": p["seed"], "images": len(source), "cache": str(cache) if cache else None}
     else:
-        source = D.FileSource(files, labels)
-        data_info = {"kind": "folder", "path": str(spec.path.resolve()), "images": len(source),
-                     "classes": num_classes}
-    crop_scale = tuple(cfg.crop_scale) if cfg.crop_scale is not None else D.CROP_SCALE[cfg.method]
-    augment = D.Augment(img_size, crop_scale)
-    dataset = D.PretrainDataset(source, augment, target=cfg.method, mask_fn=mask_fn, num_tokens=num_tokens,
-                                bad_images=cfg.bad_images)
-    data_info["augmentation"] = {"random_resized_crop_scale": list(crop_scale),
-                                 "ratio": [3 / 4, 4 / 3], "hflip": True, "mean": list(D.IMAGENET_MEAN),
-                                 "std": list(D.IMAGENET_STD)}
+        source = FileSource(files, labels)
+        info = {"kind": "folder", "path": str(spec.path.resolve()), "images": len(source), "classes": num_classes}
+    crop_scale = tuple(cfg.crop_scale) if cfg.crop_scale is not None else CROP_SCALE[cfg.method]
+    dataset = PretrainDataset(source, Augment(img_size, crop_scale), target=cfg.method, mask_fn=method.mask_fn,
+                              num_tokens=method.num_tokens, bad_images=cfg.bad_images)
+    info["augmentation"] = {"random_resized_crop_scale": list(crop_scale), "ratio": [3 / 4, 4 / 3], "hflip": True,
+                            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    return dataset, info
 
-    # --- optimisation ---------------------------------------------------------------------------------------------
+
+def _train_config(cfg: PretrainConfig, out: Path, identity: dict[str, Any], in_memory: bool):
+    """The engine's TrainConfig from the method's recipe (METHOD_DEFAULTS) and the user's overrides."""
+    from mimlab.engine import TrainConfig
+
+    defaults = METHOD_DEFAULTS[cfg.method]
     base_lr = cfg.lr if cfg.lr is not None else defaults.base_lr
     scale = cfg.batch_size / LR_REFERENCE_BATCH
     lr = base_lr * scale
@@ -354,10 +315,7 @@ def _pretrain(cfg: PretrainConfig) -> PretrainResult:
     milestones = tuple(cfg.milestones) if cfg.milestones is not None else defaults.milestones
     _say(f"lr = base {base_lr:g} x batch {cfg.batch_size} / {LR_REFERENCE_BATCH} = {lr:.3g}; {schedule} schedule, "
          f"{warmup} warmup steps, {cfg.steps} steps")
-    workers = cfg.workers if cfg.workers is not None else auto_workers(spec.kind == "builtin", cfg.device)
-    identity = {"method": cfg.method, "model": cfg.model, "model_kwargs": kwargs,
-                "data": {k: v for k, v in data_info.items() if k != "cache"},
-                "method_config": method_info}
+    workers = cfg.workers if cfg.workers is not None else auto_workers(in_memory, cfg.device)
     tcfg = TrainConfig(
         out_dir=out, steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,
         weight_decay=cfg.weight_decay if cfg.weight_decay is not None else defaults.weight_decay,
@@ -368,38 +326,73 @@ def _pretrain(cfg: PretrainConfig) -> PretrainResult:
         log_every=cfg.log_every, resume=cfg.resume, overwrite=cfg.overwrite, tensorboard=cfg.tensorboard,
         progress=cfg.progress, identity=identity, stop_after=cfg.stop_after,
         owned_outputs=("model.safetensors", "model_ema.safetensors", "run.json"))
-    callbacks = [_probe_callback(cfg, spec, img_size)] if cfg.probe_every else []
+    lr_info = {"base_lr": base_lr, "lr": lr, "rule": f"base_lr * global_batch / {LR_REFERENCE_BATCH}",
+               "schedule": schedule, "warmup_steps": warmup, "milestones": list(milestones),
+               "warmup_lr": tcfg.warmup_lr, "min_lr": tcfg.min_lr}
+    optimizer = {"name": "AdamW", "betas": list(tcfg.betas), "weight_decay": tcfg.weight_decay, "clip_grad": clip,
+                 "no_weight_decay": "1-d tensors, biases, pos-embed, cls/mask tokens, relative position tables"}
+    return tcfg, lr_info, optimizer
+
+
+def _pretrain(cfg: PretrainConfig, callbacks: Sequence["Callback"]) -> PretrainResult:
+    import torch
+
+    from mimlab.data.images import scan_class_folders
+    from mimlab.data.spec import parse_data_spec
+    from mimlab.engine import seed_everything, train
+    from mimlab.models.factory import create_model
+    from mimlab.utils.io import atomic_write_json
+    from mimlab.utils.provenance import provenance
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    spec = parse_data_spec(cfg.data)
+
+    # --- data source first (supervised needs the class count to build the head) -------------------------------
+    files = labels = None
+    if spec.kind == "folder":
+        files, labels, class_names = scan_class_folders(spec.path)
+        if cfg.method == "supervised" and len(class_names) < 2:
+            raise ConfigError("data", f"{spec.path}: supervised pretraining needs >= 2 class folders "
+                                      f"(ROOT/CLASS/*.jpg), found {len(class_names)}")
+        num_classes = len(class_names)
+    else:
+        num_classes = spec.params["classes"]
+
+    # --- model and method --------------------------------------------------------------------------------------
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path is not None and "drop_path_rate" not in kwargs:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    seed_everything(cfg.seed)
+    encoder, _ = create_model(cfg.model, kwargs, num_classes=num_classes if cfg.method == "supervised" else 0)
+    pe = getattr(encoder, "patch_embed", None)
+    if pe is None or not hasattr(pe, "img_size"):
+        raise ConfigError("model", f"{cfg.model}: not a patch-embedding transformer (ViT/BEiT/Swin) that mimlab "
+                                   "can pretrain")
+    img_size = tuple(int(s) for s in (pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size,) * 2))
+    method = _build_method(cfg, encoder, img_size, num_classes)
+    dataset, data_info = _build_dataset(cfg, spec, files, labels, num_classes, img_size, method)
+
+    # --- optimisation and training ------------------------------------------------------------------------------
+    identity = {"method": cfg.method, "model": cfg.model, "model_kwargs": kwargs,
+                "data": {k: v for k, v in data_info.items() if k != "cache"}, "method_config": method.info}
+    tcfg, lr_info, optimizer = _train_config(cfg, out, identity, spec.kind == "builtin")
     loss_fn = method_loss(cfg.method, num_classes, label_smoothing=cfg.label_smoothing, mixup=cfg.mixup,
                           cutmix=cfg.cutmix)
     run = {
         "method": cfg.method, "model": cfg.model, "model_kwargs": kwargs, "data": data_info,
-        "method_config": method_info,
-        "lr": {"base_lr": base_lr, "lr": lr, "rule": f"base_lr * global_batch / {LR_REFERENCE_BATCH}",
-               "schedule": schedule, "warmup_steps": warmup, "milestones": list(milestones),
-               "warmup_lr": tcfg.warmup_lr, "min_lr": tcfg.min_lr},
-        "optimizer": {"name": "AdamW", "betas": list(tcfg.betas), "weight_decay": tcfg.weight_decay,
-                      "clip_grad": clip, "no_weight_decay": "1-d tensors, biases, pos-embed, cls/mask tokens, "
-                                                            "relative position tables"},
+        "method_config": method.info, "lr": lr_info, "optimizer": optimizer,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "num_workers": workers,
+        "callbacks": [{"name": cb.name, "every": cb.every} for cb in callbacks],
+        "num_workers": tcfg.num_workers,
     }
-
-    result = train(net, loss_fn, dataset, tcfg, callbacks=callbacks, extra_state={"run": run})
+    result = train(method.net, loss_fn, dataset, tcfg, callbacks=callbacks, extra_state={"run": run})
 
     model_path = None
     if _is_main():
         if not result.stopped_early:
-            model_path = out / "model.safetensors"
-            _save_weights(export_encoder_state(net.encoder, cfg.model, kwargs), model_path)
-            if cfg.ema_decay:
-                import copy
-
-                ema_net = copy.deepcopy(net).cpu()
-                from mimlab.engine.state import load_checkpoint
-
-                ema_state = load_checkpoint(out / "checkpoints" / "last.pt")["ema"]
-                ema_net.load_state_dict(ema_state)
-                _save_weights(export_encoder_state(ema_net.encoder, cfg.model, kwargs), out / "model_ema.safetensors")
+            model_path = _export(method.net, cfg, kwargs, out)
         run["result"] = {"step": result.step, "finished": not result.stopped_early, "final_loss": result.final_loss,
                          "img_per_s": result.img_per_s, "elapsed_s": round(result.elapsed_s, 3),
                          "resumed_from_step": result.start_step or None, "skipped_images": result.skipped_samples,
@@ -413,6 +406,21 @@ def _pretrain(cfg: PretrainConfig) -> PretrainResult:
             _say(f"wrote {model_path} (use it as {cfg.model}@{model_path} with the same --model-kwargs)")
     return PretrainResult(out=out, model_path=model_path, step=result.step, final_loss=result.final_loss,
                           img_per_s=result.img_per_s, losses=result.losses, run=run, train=result)
+
+
+def _export(net, cfg: PretrainConfig, kwargs: dict[str, Any], out: Path) -> Path:
+    """model.safetensors (and model_ema.safetensors with an EMA): the encoder as a plain timm state dict."""
+    model_path = out / "model.safetensors"
+    _save_weights(export_encoder_state(net.encoder, cfg.model, kwargs), model_path)
+    if cfg.ema_decay:
+        import copy
+
+        from mimlab.engine.state import load_checkpoint
+
+        ema_net = copy.deepcopy(net).cpu()
+        ema_net.load_state_dict(load_checkpoint(out / "checkpoints" / "last.pt")["ema"])
+        _save_weights(export_encoder_state(ema_net.encoder, cfg.model, kwargs), out / "model_ema.safetensors")
+    return model_path
 
 
 def _jsonable(obj: Any) -> Any:

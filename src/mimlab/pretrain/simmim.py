@@ -170,3 +170,37 @@ class SimMIM(nn.Module):
         pixel_mask = mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
         loss = masked_l1(pred, images.float(), pixel_mask)
         return loss, {}
+
+
+def mean_colour_baseline(data: str, mask: dict[str, Any] | None, images: int = 256, seed: int = 1) -> float:
+    """Masked L1 (SimMIM's loss) of predicting each masked pixel by its image's mean visible colour, on held-out
+    built-in images (of `data`'s kind and seed; fractal-leaves for a folder) normalised like the model input, with
+    the run's mask geometry `mask` (`MaskGeometry.describe()`). A SimMIM model that learned nothing local cannot
+    beat it: the "trained enough" gate of `mimlab reproduce` divides the final loss by it."""
+    import math
+
+    import numpy as np
+
+    from mimlab.data.images import IMAGENET_MEAN, IMAGENET_STD
+    from mimlab.data.spec import parse_data_spec
+    from mimlab.data.synthetic import SyntheticImages
+    from mimlab.pretrain.masking import MaskGeometry, upsample
+
+    if not mask:
+        raise MimlabError("the SimMIM run recorded no mask geometry")
+    h, w = mask["img_size"]
+    spec = parse_data_spec(data)
+    kind = spec.params.get("kind") if spec.kind == "builtin" else None
+    ds = SyntheticImages(kind or "fractal-leaves", classes=16, per_class=math.ceil(images / 16), size=h,
+                         seed=spec.params.get("seed", 0), offset=2_000_000)
+    arr, _ = ds.to_array()
+    x = torch.from_numpy(arr[:images]).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    geom = MaskGeometry(img_size=(h, w), patch_size=mask["patch_size"], mask_patch_size=mask["mask_patch_size"],
+                        mask_ratio=mask["mask_ratio"])
+    rng = np.random.default_rng(seed)
+    tok = np.stack([geom.sample(rng) for _ in range(x.shape[0])])
+    pix = torch.from_numpy(np.stack([upsample(t, geom.patch_size) for t in tok])).float()[:, None]
+    visible = 1 - pix
+    mean = (x * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True).clamp_min(1)
+    return float(masked_l1(mean.expand_as(x), x, pix))

@@ -11,8 +11,9 @@ row of logits `s` (q.k * scale + bias); the first `P` keys are prefix tokens, th
 - cross term         C_i[h, g] = sum_j p_hij log(p_gij + eps),   KL_i(h || g) = C_i[h, h] - C_i[h, g]
 - Jensen-Shannon     JS_i(h, g) = H(M) - (H(p_h) + H(p_g)) / 2,  M = (p_h + p_g) / 2
 - NMI (per image)    I(Q;K) = H(mean_i p_i) - mean_i H(p_i) under uniform queries, NMI = I / sqrt(log Nq * H(K))
-The functions return sums over the queries of a chunk so that chunks can be added; `finalize_image_stats` turns the
-sums for complete images into per-image values.
+`chunk_sums_tensors` is the definition (readable torch, float32 or float64); the fused kernels in
+`mimlab.probe.backends` compute the same `ChunkSums`. They are sums over the queries of a chunk, so chunks add up;
+`finalize_image_stats` turns the sums for complete images into per-image values.
 """
 from __future__ import annotations
 
@@ -36,12 +37,21 @@ class ChunkSums:
     js: torch.Tensor        # (b, H, H)   sum_i JS_i(h, g), symmetric, zero diagonal
     colsum: torch.Tensor    # (b, H, K)   sum_i p_ij  (for NMI)
     rowsum_err: torch.Tensor  # max |sum_j p_ij - 1| seen, 0-d (sanity check of the capture)
+    finite: torch.Tensor    # 0-d bool: every logit was finite or -inf (masked)
 
     def __iadd__(self, other: "ChunkSums") -> "ChunkSums":
         for name in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.rowsum_err = torch.maximum(self.rowsum_err, other.rowsum_err)
+        self.finite = self.finite & other.finite
         return self
+
+    def cat(self, other: "ChunkSums") -> "ChunkSums":
+        """The sums of two sets of images, self's first (along the image dimension)."""
+        out = {name: torch.cat([getattr(self, name), getattr(other, name)], 0)
+               for name in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum")}
+        return ChunkSums(**out, rowsum_err=torch.maximum(self.rowsum_err, other.rowsum_err),
+                         finite=self.finite & other.finite)
 
 
 def attention_logits(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float,
@@ -82,8 +92,17 @@ _MASKED = -1e4   # stands in for -inf logits: exp underflows to exactly 0, diffe
 
 
 def chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, eps: float,
-                       renormalize: bool, js: bool = True) -> tuple[torch.Tensor, ...]:
-    """The tensor part of `chunk_sums` (no Python-side checks, so it can be compiled as one graph)."""
+                       renormalize: bool, js: bool = True) -> ChunkSums:
+    """Statistics of the patch-query rows in `logits` (b, H, nq, N) whose keys are all N tokens: the definition.
+
+    `dist_rows` (nq, K), K = N - num_prefix: pixel distances from these queries to every patch key; or any shape
+    that broadcasts against (b, H, nq, K), e.g. (b, 1, nq, K) when each batch item (a Swin window) has its own.
+    Numerics: the elementwise work runs in the dtype of `logits` (float32, or float64 for an exact reference); row
+    log-sum-exps and all sums over queries are float64. Log-probabilities are kept relative to uniform
+    (log(K p) = (s - max) - (log sum exp(s - max) - log K)), so nearly uniform attention (random init) keeps full
+    relative precision in KL, JS and NMI, whose values are then tiny differences of large entropies. No Python-side
+    checks: the function compiles as one graph (`torch.compile`); `finite` says whether a logit was NaN or +inf.
+    """
     f64 = torch.float64
     b, H, nq, N = logits.shape
     P = num_prefix
@@ -127,28 +146,9 @@ def chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix
             t.add_(torch.minimum(ph, pg).mul_(a))                                  # + p_lo a  (= -(p_h log.. ))
             js_mat[:, h, h + 1:] = -0.5 * t.sum(-1).sum(-1, dtype=f64)
         js_mat = js_mat + js_mat.transpose(1, 2)
-    return (dist.sum(-1), (log_k - negent).sum(-1), negent.sum(-1), prefix.sum(-1), cross, js_mat,
-            p.sum(2).to(f64), rowsum_err, finite)
-
-
-def chunk_sums(logits: torch.Tensor, *, num_prefix: int, dist_rows: torch.Tensor, eps: float = 1e-8,
-               renormalize: bool = True, js: bool = True, kernel=None) -> ChunkSums:
-    """Statistics of the patch-query rows in `logits` (b, H, nq, N) whose keys are all N tokens.
-
-    `dist_rows` (nq, K), K = N - num_prefix: pixel distances from these queries to every patch key; or any shape
-    that broadcasts against (b, H, nq, K), e.g. (b, 1, nq, K) when each batch item (a Swin window) has its own.
-    Numerics: the elementwise work runs in the dtype of `logits`; row log-sum-exps and all sums over queries are
-    float64. Log-probabilities are kept relative to uniform (log(K p) = (s - max) - (log sum exp(s - max) - log K)),
-    so nearly uniform attention (random init) keeps full relative precision in KL, JS and NMI, whose values are
-    then tiny differences of large entropies. `kernel` may be a compiled `chunk_sums_tensors`.
-    """
-    fn = kernel or chunk_sums_tensors
-    dist, ent, negent, prefix, cross, js_mat, colsum, rowsum_err, finite = fn(logits, dist_rows, num_prefix, eps,
-                                                                              renormalize, js)
-    if not bool(finite):
-        raise FloatingPointError("non-finite attention logits (NaN or inf)")
-    return ChunkSums(dist=dist, entropy=ent, negent=negent, prefix=prefix, cross=cross, js=js_mat, colsum=colsum,
-                     rowsum_err=rowsum_err)
+    return ChunkSums(dist=dist.sum(-1), entropy=(log_k - negent).sum(-1), negent=negent.sum(-1),
+                     prefix=prefix.sum(-1), cross=cross, js=js_mat, colsum=p.sum(2).to(f64), rowsum_err=rowsum_err,
+                     finite=finite)
 
 
 def finalize_image_stats(s: ChunkSums, num_queries: int, uniform_distance: float,

@@ -1,49 +1,29 @@
-"""From command-line style inputs (model specs, a data path) to a saved probe result. Mirrors `mimlab probe`."""
+"""`run_probe(ProbeConfig)`: the `mimlab probe` job. Models from specs, images from a folder, a .npy array or the
+built-in generators, one streaming pass (`api.probe_pass`), metrics.json on disk."""
 from __future__ import annotations
 
 import sys
 from functools import partial
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.models.factory import ModelSpec, create_model, parse_model_kwargs, parse_model_spec
-from mimlab.probe.api import ProbeConfig, ProbeModel, ProbeResult, probe
+from mimlab.probe.api import ProbeConfig, ProbeModel, ProbeResult, probe_pass
 
 BUILTIN_PREFIX = "builtin"
 HF_PREFIX = "hf:"
 
 
-@dataclass
-class ProbeRequest:
-    models: Sequence[str]                         # "[LABEL=]ARCH[@CHECKPOINT]"
-    data: str                                     # image folder | .npy | builtin[:KIND]
-    images: int | None = 256                      # first N images (None = all)
-    batch_size: int = 32
-    out: str | None = None
-    device: str = "cpu"
-    seed: int = 0
-    model_kwargs: Sequence[str] = ()              # one string for all models, or one per model
-    checkpoint_format: str = "auto"
-    precision: str = "fp32"
-    workers: int = 2
-    config: ProbeConfig = field(default_factory=ProbeConfig)
-    report: bool = True
-    progress: bool = True
-
-
-def _specs(req: ProbeRequest) -> list[ModelSpec]:
-    if not req.models:
-        raise MimlabError("name at least one MODEL ([LABEL=]ARCH[@CHECKPOINT])")
-    kw = list(req.model_kwargs or [])
-    if len(kw) not in (0, 1, len(req.models)):
-        raise MimlabError(f"--model-kwargs: give it once (for all models) or once per model "
-                          f"({len(req.models)}), not {len(kw)} times")
-    per_model = [parse_model_kwargs(kw[0] if len(kw) == 1 else kw[i]) if kw else {} for i in range(len(req.models))]
-    specs = [parse_model_spec(m, per_model[i]) for i, m in enumerate(req.models)]
+def model_specs(cfg: ProbeConfig) -> list[ModelSpec]:
+    """The models of a job, parsed and checked (labels unique, checkpoints present) before anything is built."""
+    if not cfg.models:
+        raise ConfigError("models", "names no model: give at least one [LABEL=]ARCH[@CHECKPOINT]")
+    kw = list(cfg.model_kwargs)
+    per_model = [parse_model_kwargs(kw[0] if len(kw) == 1 else kw[i]) if kw else {} for i in range(len(cfg.models))]
+    specs = [parse_model_spec(m, per_model[i]) for i, m in enumerate(cfg.models)]
     labels = [s.label for s in specs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -53,7 +33,7 @@ def _specs(req: ProbeRequest) -> list[ModelSpec]:
             if s.checkpoint is not None:
                 raise MimlabError(f"{s.label}: hf:PATH models load their weights from PATH; drop '@{s.checkpoint}'")
             if s.kwargs:
-                raise MimlabError(f"{s.label}: --model-kwargs do not apply to hf:PATH models (their config.json "
+                raise ConfigError("model_kwargs", f"do not apply to hf:PATH models ({s.label}: their config.json "
                                   "defines them)")
             if s.label == s.arch:    # default label: the directory name (a label may not contain '/')
                 s.label = HF_PREFIX + (Path(s.arch[len(HF_PREFIX):]).name or "model")
@@ -63,9 +43,9 @@ def _specs(req: ProbeRequest) -> list[ModelSpec]:
     return specs
 
 
-def build_models(req: ProbeRequest) -> list[ProbeModel]:
+def build_models(cfg: ProbeConfig) -> list[ProbeModel]:
     out = []
-    for spec in _specs(req):
+    for spec in model_specs(cfg):
         if spec.arch.startswith(HF_PREFIX):
             from mimlab.models.hf import load_hf_model
 
@@ -75,7 +55,7 @@ def build_models(req: ProbeRequest) -> list[ProbeModel]:
                                   random_init=False, extra=info))
             continue
         model, report = create_model(spec.arch, spec.kwargs, checkpoint=spec.checkpoint,
-                                     checkpoint_format=req.checkpoint_format)
+                                     checkpoint_format=cfg.checkpoint_format)
         extra: dict[str, Any] = {"model_kwargs": {k: list(v) if isinstance(v, tuple) else v
                                                   for k, v in spec.kwargs.items()}}
         if report is not None:
@@ -124,54 +104,52 @@ def _hf_data_config(model: torch.nn.Module, size) -> dict:
             "crop_pct": 1.0, "crop_mode": "center"}
 
 
-def make_batches(req: ProbeRequest, models: Sequence[ProbeModel]):
+def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel]):
     """Return (iterable of batches with one tensor per model, number of images, data description)."""
     from torch.utils.data import DataLoader
 
     from mimlab.data.images import MultiTransformImages, RepeatTensor, list_images, load_npy
 
-    n = req.images
-    if n is not None and n < 1:
-        raise MimlabError(f"--images must be >= 1, got {n}")
-    path = req.data
+    n = cfg.images
+    path = cfg.data
     transforms, cfgs = zip(*(_transform_for(pm.model) for pm in models))
     if path == BUILTIN_PREFIX or path.startswith(BUILTIN_PREFIX + ":"):
         from mimlab.data.synthetic import DEFAULT_KIND, KINDS, SyntheticImages
 
         kind = path.split(":", 1)[1] if ":" in path else DEFAULT_KIND
         if kind not in KINDS:
-            raise MimlabError(f"--data builtin:{kind}: unknown kind; choose from {', '.join(KINDS)}")
+            raise ConfigError("data", f"builtin:{kind}: unknown kind; choose from {', '.join(KINDS)}")
         count = n or 256
         classes = min(count, 16)
         size = max(max(c["input_size"][1:]) for c in cfgs)
         # held-out images: indices far from any training set made with the defaults
-        ds = SyntheticImages(kind, classes=classes, per_class=-(-count // classes), size=size, seed=req.seed,
+        ds = SyntheticImages(kind, classes=classes, per_class=-(-count // classes), size=size, seed=cfg.seed,
                              offset=1_000_000)
         dataset = MultiTransformImages(range(count), transforms, load=partial(_synthetic_image, ds))
         desc = {"kind": "builtin", "generator": kind, "classes": classes, "size": size, "offset": 1_000_000}
     elif path.endswith(".npy"):
         x = load_npy(path)
         if n is not None and n > x.shape[0]:
-            raise MimlabError(f"--images {n}: {path} holds only {x.shape[0]} images")
+            raise ConfigError("images", f"{n}: {path} holds only {x.shape[0]} images")
         x = x[: n or x.shape[0]]
-        for pm, cfg in zip(models, cfgs):
-            want = tuple(cfg["input_size"][1:])
+        for pm, dcfg in zip(models, cfgs):
+            want = tuple(dcfg["input_size"][1:])
             if tuple(x.shape[2:]) != want:
-                raise MimlabError(f"--data {path}: images are {x.shape[2]}x{x.shape[3]} but model {pm.label} "
-                                  f"expects {want[0]}x{want[1]}")
+                raise ConfigError("data", f"{path}: images are {x.shape[2]}x{x.shape[3]} but model {pm.label} "
+                                          f"expects {want[0]}x{want[1]}")
         dataset = RepeatTensor(x, len(models))
         desc = {"kind": "npy", "path": str(Path(path).resolve()), "shape": list(x.shape)}
     else:
         files = list_images(path)
         if n is not None and n > len(files):
-            raise MimlabError(f"--images {n}: {path} holds only {len(files)} images")
+            raise ConfigError("images", f"{n}: {path} holds only {len(files)} images")
         files = files[: n or len(files)]
         dataset = MultiTransformImages(files, transforms)
         desc = {"kind": "folder", "path": str(Path(path).resolve()), "first_file": str(files[0]),
                 "last_file": str(files[-1])}
     desc["transforms"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in c.items()} for c in cfgs]
-    loader = DataLoader(dataset, batch_size=req.batch_size, shuffle=False, num_workers=req.workers,
-                        pin_memory=req.device.startswith("cuda"), persistent_workers=False)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+                        pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
     return loader, len(dataset), desc
 
 
@@ -180,30 +158,30 @@ def _synthetic_image(ds, i: int):
     return ds[i][0]
 
 
-def run_probe(req: ProbeRequest) -> tuple[ProbeResult, dict[str, Any]]:
-    """Build the models, stream the data through them, save metrics.json + tables + figures + report.html."""
-    if req.batch_size < 1:
-        raise MimlabError(f"--batch-size must be >= 1, got {req.batch_size}")
-    if req.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MimlabError(f"--device {req.device}: CUDA is not available on this machine")
-    is_builtin = req.data == BUILTIN_PREFIX or req.data.startswith(BUILTIN_PREFIX + ":")
-    if not is_builtin and not Path(req.data).exists():   # fail before building models
-        raise MimlabError(f"--data {req.data}: no such file or directory")
-    torch.manual_seed(req.seed)
-    models = build_models(req)
+def run_probe(cfg: ProbeConfig) -> tuple[ProbeResult, dict[str, Any]]:
+    """Build the models, stream the data through them, save metrics.json (and replicates.npz) in `cfg.out`.
+
+    The tables, figures and report.html (`cfg.report`) are written by the layer above
+    (`mimlab.report.write_probe_report`, as `mimlab probe` and `mimlab reproduce` do)."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"{cfg.device}: CUDA is not available on this machine")
+    is_builtin = cfg.data == BUILTIN_PREFIX or cfg.data.startswith(BUILTIN_PREFIX + ":")
+    if not cfg.data:
+        raise ConfigError("data", "is required: an image folder, a .npy array or builtin[:KIND]")
+    if not is_builtin and not Path(cfg.data).exists():   # fail before building models
+        raise ConfigError("data", f"{cfg.data}: no such file or directory")
+    torch.manual_seed(cfg.seed)
+    models = build_models(cfg)
     for pm in models:
         if pm.random_init:
-            print(f"WARNING: {pm.label} has no checkpoint: RANDOM INITIALISATION (seed {req.seed}); "
+            print(f"WARNING: {pm.label} has no checkpoint: RANDOM INITIALISATION (seed {cfg.seed}); "
                   "its numbers describe an untrained network", file=sys.stderr)
-    loader, n, desc = make_batches(req, models)
-    cfg = req.config
-    cfg.seed = req.seed
-    result = probe(models, loader, batch_size=req.batch_size, device=req.device, precision=req.precision,
-                   config=cfg, num_images=n, progress=req.progress)
+    loader, n, desc = make_batches(cfg, models)
+    result = probe_pass(models, loader, cfg, num_images=n)
     result.provenance["data"] = desc
     paths: dict[str, Any] = {}
-    if req.out:
-        paths = result.save(req.out, report=req.report)
+    if cfg.out:
+        paths = result.save(cfg.out)
     return result, paths
 
 

@@ -1,5 +1,18 @@
 """Outputs of a probe result (the ``metrics.json`` dict): tidy tables (``tables``), figures (``figures``) and a
-self-contained HTML report (``html``). ``from mimlab.report.html import render_all`` writes all three.
+self-contained HTML report (``html``), and the study's page (``study``). `write_probe_report(metrics, out)` writes
+the first three.
 
 Submodules are imported on demand so that importing ``mimlab.report`` does not pull in matplotlib.
 """
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_probe_report(metrics: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """heads.csv, layers.csv, cka.csv, figures/*.png and report.html for a probe's metrics.json dict."""
+    from mimlab.report.html import render_all
+
+    return render_all(metrics, Path(out_dir))

@@ -35,11 +35,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mimlab.transfer.tasks import TASKS
+
 HOLDS, NOT, INCONCLUSIVE = "holds", "does_not_hold", "inconclusive"
 
-# metric name, higher is better?
-TASK_METRIC = {"classify": ("top1", True), "keypoints": ("ap", True), "depth": ("rmse", False),
-               "track": ("suc", True)}
+# task -> (its main metric, higher is better?), as the tasks declare them
+TASK_METRIC = {name: (spec.main_metric, spec.higher_is_better) for name, spec in TASKS.items()}
 
 
 @dataclass

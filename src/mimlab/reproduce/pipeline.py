@@ -3,17 +3,17 @@
 Stage names (each a folder under `OUT/stages/`): `data/<task>`, `pretrain/<method>` (and `pretrain/random`, the
 random-init control built from the same seed), `probe`, `baseline/simmim` (the mean-colour predictor's SimMIM
 loss), `transfer/<model>/<task>/s<seed>` and `transfer/<model>-drop<K>/<task>/s<seed>` (the layer ablation).
-The report is rebuilt on every run from the stage outputs (it is cheap).
+Each stage runs one verb from its config object (`PretrainConfig`, `ProbeConfig`, `TransferConfig`), which is also
+what keys its cache. The report is rebuilt on every run from the stage outputs (it is cheap).
 """
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError
 from mimlab.models.factory import parse_model_kwargs
 from mimlab.reproduce.presets import StudyConfig
 from mimlab.reproduce.stages import StageRunner
@@ -60,13 +60,13 @@ class Study:
         if isinstance(spec, str):           # a user dataset in its real format: nothing to build
             path = Path(spec)
             if not path.exists():
-                raise MimlabError(f"transfer_data.{task}: {path} does not exist")
+                raise ConfigError(f"transfer_data.{task}", f"{path} does not exist")
             rec = self.runner.run(f"data/{task}", {"path": str(path.resolve())},
                                   lambda d: {"path": str(path.resolve())})
             return rec.outputs["path"]
 
         def build(d: Path) -> dict[str, Any]:
-            from mimlab.transfer.synthetic import generate
+            from mimlab.data.downstream import generate
 
             params = {k: v for k, v in spec.items() if k != "kind"}
             generate(spec["kind"], d / "data", seed=0, overwrite=True, **params)
@@ -75,45 +75,45 @@ class Study:
         return self.runner.run(f"data/{task}", dict(spec), build).outputs["path"]
 
     # --------------------------------------------------------------------------------------------- pretrain
+    def pretrain_config(self, method: str, out: Path):
+        from mimlab.pretrain.api import PretrainConfig
+
+        cfg = self.cfg
+        return PretrainConfig(method=method, model=cfg.arch, data=cfg.pretrain_data, out=out, model_kwargs=self.kwargs,
+                              steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch_size,
+                              seed=cfg.init_seed, device=self.device, precision=cfg.precision,
+                              mask_patch_size=cfg.mask_patch_size, progress=self.progress,
+                              crop_scale=tuple(cfg.pretrain_crop_scale) if cfg.pretrain_crop_scale is not None
+                              else None)
+
     def pretrain_stage(self, method: str) -> dict[str, Any]:
         cfg = self.cfg
+        name = f"pretrain/{method}"
         if method in cfg.checkpoints:
             path = Path(cfg.checkpoints[method])
             if not path.is_file():
-                raise MimlabError(f"checkpoints.{method}: {path} does not exist")
+                raise ConfigError(f"checkpoints.{method}", f"{path} does not exist")
             from mimlab.utils.io import sha256_file
 
             digest = sha256_file(path)
-            return self.runner.run(f"pretrain/{method}", {"checkpoint": str(path.resolve()), "sha256": digest},
+            return self.runner.run(name, {"checkpoint": str(path.resolve()), "sha256": digest},
                                    lambda d: {"model": str(path.resolve()), "imported": True}).outputs
-        conf = {"method": method, "arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "data": cfg.pretrain_data,
-                "steps": cfg.pretrain_steps, "batch_size": cfg.pretrain_batch_size, "seed": cfg.init_seed,
-                "lr": cfg.pretrain_lr,
-                "precision": cfg.precision, "mask_patch_size": cfg.mask_patch_size}
-        if cfg.pretrain_crop_scale is not None:     # only when set: earlier studies keep their cache keys
-            conf["crop_scale"] = list(cfg.pretrain_crop_scale)
+        pcfg = self.pretrain_config(method, self.runner.stage_dir(name))
 
         def build(d: Path) -> dict[str, Any]:
-            from mimlab.pretrain.api import PretrainConfig, pretrain
+            from mimlab.pretrain.api import pretrain
 
-            res = pretrain(PretrainConfig(method=method, model=cfg.arch, data=cfg.pretrain_data, out=d,
-                                          model_kwargs=self.kwargs, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                                          batch_size=cfg.pretrain_batch_size, seed=cfg.init_seed,
-                                          resume=_interrupted(d),
-                                          device=self.device, precision=cfg.precision,
-                                          mask_patch_size=cfg.mask_patch_size, progress=self.progress,
-                                          crop_scale=(tuple(cfg.pretrain_crop_scale)
-                                                      if cfg.pretrain_crop_scale is not None else None)))
+            res = pretrain(dataclasses.replace(pcfg, resume=_interrupted(d)))
             run = res.run or {}
             return {"model": str(res.model_path), "steps": res.step, "final_loss": _tail_mean(res.losses),
                     "img_per_s": res.img_per_s, "mask": (run.get("method_config") or {}).get("mask"),
                     "losses_head": res.losses[:10]}
 
-        return self.runner.run(f"pretrain/{method}", conf, build).outputs
+        return self.runner.run(name, pcfg, build).outputs
 
     def random_stage(self) -> dict[str, Any]:
         cfg = self.cfg
-        conf = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "seed": cfg.init_seed}
+        conf = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "seed": cfg.init_seed}   # create_model's inputs
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.engine import seed_everything
@@ -128,54 +128,60 @@ class Study:
         return self.runner.run("pretrain/random", conf, build).outputs
 
     # ------------------------------------------------------------------------------------------------ probe
-    def probe_stage(self, models: dict[str, str]) -> dict[str, Any]:
+    def probe_config(self, models: dict[str, str], out: Path):
+        from mimlab.probe.api import ProbeConfig
+
         cfg = self.cfg
-        conf = {"models": sorted(models), "data": cfg.probe_data, "images": cfg.probe_images,
-                "batch_size": cfg.probe_batch_size, "bootstrap": cfg.bootstrap, "kwargs": cfg.model_kwargs}
+        return ProbeConfig(models=tuple(f"{k}={cfg.arch}@{v}" for k, v in models.items()),
+                           model_kwargs=(cfg.model_kwargs,) if cfg.model_kwargs else (), data=cfg.probe_data,
+                           images=cfg.probe_images, batch_size=cfg.probe_batch_size, out=str(out), device=self.device,
+                           seed=0, workers=0, progress=self.progress, report=False, bootstrap=cfg.bootstrap)
+
+    def probe_stage(self, models: dict[str, str]) -> dict[str, Any]:
+        pcfg = self.probe_config(models, self.runner.stage_dir("probe"))
 
         def build(d: Path) -> dict[str, Any]:
-            from mimlab.probe.api import ProbeConfig
-            from mimlab.probe.run import ProbeRequest, run_probe
+            from mimlab.probe.run import run_probe
 
-            req = ProbeRequest(models=[f"{k}={cfg.arch}@{v}" for k, v in models.items()],
-                               model_kwargs=[cfg.model_kwargs] if cfg.model_kwargs else [], data=cfg.probe_data,
-                               images=cfg.probe_images, batch_size=cfg.probe_batch_size, out=str(d),
-                               device=self.device, seed=0, workers=0, progress=self.progress,
-                               config=ProbeConfig(bootstrap=cfg.bootstrap, seed=0))
-            run_probe(req)
+            run_probe(pcfg)
             return {"metrics": str(d / "metrics.json"), "replicates": str(d / "replicates.npz")}
 
         deps = tuple(f"pretrain/{k}" for k in models)
-        return self.runner.run("probe", conf, build, deps=deps).outputs
+        return self.runner.run("probe", pcfg, build, deps=deps).outputs
 
     def simmim_baseline_stage(self, mask: dict[str, Any] | None) -> dict[str, Any]:
         """SimMIM's loss for the best trivial predictor (each image's visible mean colour), on held-out images."""
-        conf = {"mask": mask, "data": self.cfg.pretrain_data, "kwargs": self.cfg.model_kwargs, "images": 256}
+        args = {"data": self.cfg.pretrain_data, "mask": mask, "images": 256}     # mean_colour_baseline's
 
         def build(d: Path) -> dict[str, Any]:
-            return {"mean_colour_l1": mean_colour_baseline(self.cfg, mask, images=256)}
+            from mimlab.pretrain.simmim import mean_colour_baseline
 
-        return self.runner.run("baseline/simmim", conf, build, deps=("pretrain/simmim",)).outputs
+            return {"mean_colour_l1": mean_colour_baseline(**args)}
+
+        return self.runner.run("baseline/simmim", args, build, deps=("pretrain/simmim",)).outputs
 
     # --------------------------------------------------------------------------------------------- transfer
+    def transfer_config(self, label: str, model_path: str, task: str, seed: int, data: str, drop: int, out: Path):
+        from mimlab.transfer.api import TransferConfig
+
+        cfg = self.cfg
+        return TransferConfig(task=task, backbone=f"{label}={cfg.arch}@{model_path}", data=data, out=out,
+                              model_kwargs=self.kwargs, steps=cfg.transfer_steps.get(task),
+                              batch_size=cfg.transfer_batch_size, seed=seed, device=self.device,
+                              drop_last_blocks=drop, progress=self.progress, precision=cfg.precision)
+
     def transfer_stage(self, label: str, model_path: str, task: str, seed: int, data: str,
                        drop: int = 0) -> dict[str, Any]:
-        cfg = self.cfg
         name = f"transfer/{label}{f'-drop{drop}' if drop else ''}/{task}/s{seed}"
-        conf = {"task": task, "seed": seed, "steps": cfg.transfer_steps.get(task), "drop": drop,
-                "batch_size": cfg.transfer_batch_size, "kwargs": cfg.model_kwargs, "precision": cfg.precision}
+        tcfg = self.transfer_config(label, model_path, task, seed, data, drop, self.runner.stage_dir(name))
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.transfer.api import run_transfer
 
-            rep = run_transfer(task, f"{label}={cfg.arch}@{model_path}", data, d, model_kwargs=self.kwargs,
-                               steps=cfg.transfer_steps.get(task), batch_size=cfg.transfer_batch_size, seed=seed,
-                               device=self.device, drop_last_blocks=drop,
-                               resume=_interrupted(d), progress=self.progress,
-                               precision=cfg.precision)
+            rep = run_transfer(dataclasses.replace(tcfg, resume=_interrupted(d)))
             return {"metrics": rep["metrics"], "baseline": rep["baseline"]}
 
-        return self.runner.run(name, conf, build, deps=(f"data/{task}", f"pretrain/{label}")).outputs
+        return self.runner.run(name, tcfg, build, deps=(f"data/{task}", f"pretrain/{label}")).outputs
 
     # ---------------------------------------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
@@ -192,7 +198,7 @@ class Study:
         cfg = self.cfg
         self.log(cfg.scale_line())
         if "simmim" not in cfg.methods or "supervised" not in cfg.methods:
-            raise MimlabError("the study compares 'simmim' and 'supervised': both must be in methods")
+            raise ConfigError("methods", "must hold both 'simmim' and 'supervised': the study compares them")
         data = {t: self.data_stage(t) for t in cfg.tasks}
         pre = {m: self.pretrain_stage(m) for m in cfg.methods}
         pre["random"] = self.random_stage()
@@ -202,7 +208,7 @@ class Study:
         downstream: dict[str, dict[str, Any]] = {}
         for label in cfg.transfer_models:
             if label not in models:
-                raise MimlabError(f"transfer_models: '{label}' is not one of the models {sorted(models)}")
+                raise ConfigError("transfer_models", f"'{label}' is not one of the models {sorted(models)}")
             for task in cfg.tasks:
                 for seed in cfg.seeds:
                     downstream.setdefault(label, {}).setdefault(task, []).append(
@@ -216,44 +222,10 @@ class Study:
                     downstream.setdefault(label, {}).setdefault(task, []).append(
                         self.transfer_stage("supervised", models["supervised"], task, seed, data[task],
                                             drop=cfg.ablation_blocks))
-        from mimlab.reproduce.report import build_summary, write_study_report
+        from mimlab.report.study import write_study_report
+        from mimlab.reproduce.summary import build_summary
 
         summary = build_summary(cfg, pre, probe, baseline, downstream, self.runner.records)
         paths = write_study_report(summary, probe, self.out)
         summary["paths"] = {k: str(v) for k, v in paths.items()}
         return summary
-
-
-def mean_colour_baseline(cfg: StudyConfig, mask: dict[str, Any] | None, images: int = 256, seed: int = 1) -> float:
-    """Masked L1 (SimMIM's loss) of predicting each masked pixel by its image's mean visible colour, on held-out
-    built-in images normalised like the model input. A SimMIM model that learned nothing local cannot beat it."""
-    import numpy as np
-    import torch
-
-    from mimlab.data.synthetic import SyntheticImages
-    from mimlab.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, parse_data_spec
-    from mimlab.pretrain.masking import MaskGeometry, upsample
-    from mimlab.pretrain.simmim import masked_l1
-
-    if not mask:
-        raise MimlabError("the SimMIM run recorded no mask geometry")
-    h, w = mask["img_size"]
-    spec = parse_data_spec(cfg.pretrain_data)
-    kind = spec.params.get("kind") if spec.kind == "builtin" else None
-    ds = SyntheticImages(kind or "fractal-leaves", classes=16, per_class=math.ceil(images / 16), size=h,
-                         seed=spec.params.get("seed", 0), offset=2_000_000)
-    arr, _ = ds.to_array()
-    x = torch.from_numpy(arr[:images]).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-    geom = MaskGeometry(img_size=(h, w), patch_size=mask["patch_size"], mask_patch_size=mask["mask_patch_size"],
-                        mask_ratio=mask["mask_ratio"])
-    rng = np.random.default_rng(seed)
-    tok = np.stack([geom.sample(rng) for _ in range(x.shape[0])])
-    pix = torch.from_numpy(np.stack([upsample(t, geom.patch_size) for t in tok])).float()[:, None]
-    visible = 1 - pix
-    mean = (x * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True).clamp_min(1)
-    return float(masked_l1(mean.expand_as(x), x, pix))
-
-
-def load_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -52,7 +52,7 @@ class StudyConfig:
     transfer_models: tuple[str, ...] = ("simmim", "supervised")  # labels; "random" and "mae" are allowed
     ablation_blocks: int = 2                 # drop the last K blocks (C6); 0 = no ablation
     ablation_tasks: tuple[str, ...] = ("keypoints", "depth")
-    # the built-in transfer datasets (mimlab.transfer.synthetic) or user paths: {"classify": "path", ...}
+    # the built-in transfer datasets (mimlab.data.downstream) or user paths: {"classify": "path", ...}
     transfer_data: dict[str, Any] = field(default_factory=lambda: {
         "classify": {"kind": "finegrained", "num_classes": 6, "train_per_class": 100, "val_per_class": 40,
                      "size": 32},

@@ -1,7 +1,9 @@
 """Content-addressed stage cache for `mimlab reproduce`.
 
-A stage is named (e.g. `pretrain/simmim`) and keyed by the sha256 of its config plus the keys of the stages it
-reads from. Its outputs live in `ROOT/stages/<name>/` with a `stage.json` holding the key, written atomically when
+A stage is named (e.g. `pretrain/simmim`) and keyed by the sha256 of its config (a verb's config object through
+`mimlab.utils.config.key_dict`, or a plain dict) plus the keys of the stages it reads from. Paths inside the study
+folder are written relative to it, in keys and in recorded outputs (`<study>/stages/...`), so a study folder that
+is moved or copied keeps its finished stages. Its outputs live in `ROOT/stages/<name>/` with a `stage.json` holding the key, written atomically when
 the stage finishes, together with a `run_id` that is new each time the stage actually runs. A stage's key covers
 the `run_id`s of its inputs, so rerunning a stage (its config changed, `--force`, or its folder deleted) changes
 the keys of every stage downstream of it and they rerun too, while unrelated stages stay cached. A missing
@@ -18,10 +20,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mimlab.utils.config import key_dict
 from mimlab.utils.io import atomic_write_json
 
 MARKER = "stage.json"
 PENDING = "stage.pending.json"
+STUDY = "<study>"               # the study folder in keys and recorded outputs
+
+
+def relative_to_study(obj: Any, root: Path) -> Any:
+    """`obj` with every occurrence of the study folder's path in its strings replaced by `<study>`."""
+    prefix = str(root)
+    if isinstance(obj, dict):
+        return {k: relative_to_study(v, root) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [relative_to_study(v, root) for v in obj]
+    if isinstance(obj, str):
+        return obj.replace(prefix, STUDY) if prefix in obj else obj
+    return obj
+
+
+def in_study(obj: Any, root: Path) -> Any:
+    """The inverse of `relative_to_study` for the study folder's current place."""
+    if isinstance(obj, dict):
+        return {k: in_study(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [in_study(v, root) for v in obj]
+    if isinstance(obj, str) and STUDY in obj:
+        return obj.replace(STUDY, str(root))
+    return obj
 
 
 def stable_hash(obj: Any) -> str:
@@ -64,19 +91,26 @@ class StageRunner:
     def _forced(self, name: str) -> bool:
         return any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
 
-    def run(self, name: str, config: dict[str, Any], fn: Callable[[Path], dict[str, Any]],
+    def key(self, name: str, config: Any, deps: tuple[str, ...] = ()) -> str:
+        conf = config if isinstance(config, dict) else key_dict(config)
+        return stable_hash({"name": name, "config": relative_to_study(conf, self.root),
+                            "deps": {d: self.records[d].run_id for d in deps}})
+
+    def run(self, name: str, config: Any, fn: Callable[[Path], dict[str, Any]],
             deps: tuple[str, ...] = ()) -> StageRecord:
-        """Run `fn(stage_dir) -> outputs` unless a finished stage with the same key exists."""
+        """Run `fn(stage_dir) -> outputs` unless a finished stage with the same key exists. `config`: the stage's
+        config object (a dataclass; its `NOT_IN_KEY` fields are left out of the key) or a plain dict."""
         missing = [d for d in deps if d not in self.records]
         if missing:
             raise RuntimeError(f"stage {name} depends on stages not run yet: {missing}")
-        key = stable_hash({"name": name, "config": config, "deps": {d: self.records[d].run_id for d in deps}})
+        key = self.key(name, config, deps)
         d = self.stage_dir(name)
         marker = d / MARKER
         if marker.is_file() and not self._forced(name):
             done = json.loads(marker.read_text())
-            if done.get("key") == key and _outputs_exist(done.get("outputs", {}), d):
-                rec = StageRecord(name, key, done["run_id"], d, True, 0.0, done.get("outputs", {}))
+            outputs = in_study(done.get("outputs", {}), self.root)
+            if done.get("key") == key and _outputs_exist(outputs, d):
+                rec = StageRecord(name, key, done["run_id"], d, True, 0.0, outputs)
                 self.records[name] = rec
                 self.log(f"[skip] {name} (cached {key[:10]})")
                 return rec
@@ -92,8 +126,10 @@ class StageRunner:
         outputs = fn(d) or {}
         seconds = time.perf_counter() - t0
         run_id = stable_hash({"key": key, "finished": time.time_ns()})
-        atomic_write_json(marker, {"name": name, "key": key, "run_id": run_id, "config": config, "deps": list(deps),
-                                   "outputs": outputs, "seconds": seconds})
+        conf = config if isinstance(config, dict) else key_dict(config)
+        atomic_write_json(marker, {"name": name, "key": key, "run_id": run_id,
+                                   "config": relative_to_study(conf, self.root), "deps": list(deps),
+                                   "outputs": relative_to_study(outputs, self.root), "seconds": seconds})
         pending.unlink(missing_ok=True)
         rec = StageRecord(name, key, run_id, d, False, seconds, outputs)
         self.records[name] = rec

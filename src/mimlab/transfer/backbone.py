@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mimlab.data.images import IMAGENET_MEAN, IMAGENET_STD
 from mimlab.errors import MimlabError
 
 
@@ -64,10 +65,6 @@ def reinit_last_blocks(model: nn.Module, k: int, fresh: nn.Module) -> None:
         raise MimlabError(f"--reinit-last-blocks {k}: the model has only {len(slots)} blocks")
     for (cont, i), (fcont, fi) in zip(slots[-k:], fresh_slots[len(fresh_slots) - len(slots):][-k:]):
         cont[i].load_state_dict(fcont[fi].state_dict(), strict=True)
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _prefix_tokens(model: nn.Module, batch: int) -> list[torch.Tensor]:

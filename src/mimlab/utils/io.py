@@ -176,3 +176,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content (the files mimlab itself wrote: errors are not dressed up)."""
+    return json.loads(Path(path).read_text())

@@ -9,9 +9,6 @@ from PIL import Image
 
 from mimlab.errors import MimlabError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-
-
 def read_text(path: str | Path, what: str = "file") -> str:
     """A UTF-8 text file's content; a missing, unreadable or non-text file is a MimlabError naming it."""
     path = Path(path)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mimlab.errors import MimlabError
-from mimlab.transfer.datasets.common import IMAGE_SUFFIXES
+from mimlab.data.images import IMAGE_EXTENSIONS, image_files
 
 
 @dataclass
@@ -33,9 +33,9 @@ def scan_split(root: str | Path, classes: list[str] | None = None) -> ImageFolde
                           f"(missing: {missing or 'none'}, extra: {extra or 'none'})")
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(found):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = image_files(root / name, recursive=False)
         if not files:
-            raise MimlabError(f"{root / name}: class folder has no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise MimlabError(f"{root / name}: class folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
         samples += [(p, label) for p in files]
     return ImageFolderSplit(root=root, classes=found, samples=samples)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mimlab.data.images import image_files
 from mimlab.errors import MimlabError
-from mimlab.transfer.datasets.common import IMAGE_SUFFIXES, read_text
+from mimlab.transfer.datasets.common import read_text
 
 
 @dataclass
@@ -62,7 +63,7 @@ def load_sequence(seq_dir: str | Path, name: str | None = None) -> Sequence:
     seq_dir = Path(seq_dir)
     boxes = parse_groundtruth(seq_dir / "groundtruth.txt")
     frame_dir = seq_dir / "img" if (seq_dir / "img").is_dir() else seq_dir
-    files = sorted(p for p in frame_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(frame_dir, recursive=False)
     numbered = {int(p.stem): p for p in files if p.stem.isdigit()}
     n = len(boxes)
     if numbered and len(numbered) == len(files):  # numbered frames: frame i is <i> (1-based)

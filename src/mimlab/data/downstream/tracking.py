@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mimlab.errors import MimlabError
-from mimlab.transfer.synthetic.common import check_positive, prepare_out, rgb255, rng_for, textured_background, \
+from mimlab.data.downstream.common import check_positive, prepare_out, rgb255, rng_for, textured_background, \
     to_uint8
 
 SHAPES = ("disc", "square", "diamond", "triangle")

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 
-from mimlab.transfer.tasks import TASK_DEFAULTS, TASKS
+from mimlab.transfer.tasks import TASK_NAMES, TASKS
 from mimlab.transfer.tasks.options import all_options
+
+FLAGS = {"backbone": "--backbone", "progress": "--no-progress"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=TASKS, help="the downstream task")
+    p.add_argument("--task", required=True, choices=TASK_NAMES, help="the downstream task")
     p.add_argument("--backbone", required=True, metavar="MODEL",
                    help="[LABEL=]ARCH[@CHECKPOINT]: a timm architecture, optionally with a local checkpoint "
                         "(e.g. a `mimlab pretrain` export); no checkpoint = random initialisation")
@@ -20,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "img_size is the task's input size")
     p.add_argument("--data", required=True, help="dataset root in the task's real format (see docs/transfer.md)")
     p.add_argument("--out", required=True, help="output directory (metrics.json, metrics.csv, checkpoints/)")
-    defaults = ", ".join(f"{t}: {int(d['steps'])}/{int(d['batch_size'])}/{d['lr']:g}" for t, d in TASK_DEFAULTS.items())
+    defaults = ", ".join(f"{t}: {d.steps}/{d.batch_size}/{d.lr:g}" for t, d in TASKS.items())
     g = p.add_argument_group("training", f"defaults steps/batch/lr per task: {defaults}")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=None, help="global batch size")
@@ -54,20 +56,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{help_text} (default {default!r})")
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace):
     from mimlab.models.factory import parse_model_kwargs
+    from mimlab.transfer.api import TransferConfig
+
+    return TransferConfig(
+        task=args.task, backbone=args.backbone, data=args.data, out=args.out,
+        model_kwargs=parse_model_kwargs(args.model_kwargs), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, device=args.device, mode=args.mode, layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, clip_grad=args.clip_grad,
+        drop_last_blocks=args.drop_last_blocks, reinit_last_blocks=args.reinit_last_blocks, resume=args.resume,
+        overwrite=args.overwrite, save_every=args.save_every, num_workers=args.num_workers, precision=args.precision,
+        eval_batch_size=args.eval_batch_size, progress=not args.no_progress, normalize=args.normalize,
+        options={name: getattr(args, name) for name in all_options()})
+
+
+def run(args: argparse.Namespace) -> int:
     from mimlab.transfer.api import format_summary, run_transfer
 
-    options = {name: getattr(args, name) for name in all_options()}
-    report = run_transfer(
-        args.task, args.backbone, args.data, args.out, model_kwargs=parse_model_kwargs(args.model_kwargs),
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        mode=args.mode, layer_decay=args.layer_decay, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, clip_grad=args.clip_grad, drop_last_blocks=args.drop_last_blocks,
-        reinit_last_blocks=args.reinit_last_blocks, resume=args.resume, overwrite=args.overwrite,
-        save_every=args.save_every, num_workers=args.num_workers, precision=args.precision,
-        eval_batch_size=args.eval_batch_size, progress=not args.no_progress, normalize=args.normalize,
-        options=options)
+    report = run_transfer(config_from_args(args))
     if report:
         print(format_summary(report))
         print(f"wrote {args.out}/metrics.json")

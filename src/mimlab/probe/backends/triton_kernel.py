@@ -2,7 +2,7 @@
 
 `fused_chunk_stats(q, k, bias, scale, num_prefix, dist)` returns exactly what
 `mimlab.probe.attention_stats.chunk_sums_tensors` returns for the logits `s = q k^T * scale + bias` restricted to the
-patch-query rows P..N-1 (same tuple, shapes, dtypes and meaning), but never writes a logit or a probability to global
+patch-query rows P..N-1 (the same `ChunkSums`: shapes, dtypes and meaning), but never writes a logit or a probability to global
 memory. One program takes a block of BQ patch queries of one image for ALL heads (the cross-head terms need every
 head at the same (query, key)) and walks over the keys twice, recomputing q.k (flash-style):
 
@@ -38,6 +38,7 @@ import os
 import torch
 
 from mimlab.errors import MimlabError
+from mimlab.probe.attention_stats import ChunkSums
 
 try:  # triton is optional: the torch path works without it
     import triton
@@ -310,13 +311,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, num_pref
 def fused_chunk_stats(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, num_prefix: int,
                       dist: torch.Tensor, eps: float = 1e-8, js: bool = True, *, renormalize: bool = True,
                       block_q: int | None = None, block_k: int | None = None,
-                      num_warps: int | None = None) -> tuple[torch.Tensor, ...]:
+                      num_warps: int | None = None) -> ChunkSums:
     """`chunk_sums_tensors(logits[:, :, P:], dist, P, eps, renormalize, js)` for logits = q k^T * scale + bias.
 
     q, k: (B, H, N, d) as handed to scaled_dot_product_attention (any strides); bias: None, or an additive float
     mask (or a bool mask, True = attend) broadcastable to (B, H, N, N); dist: (K, K) pixel distances between patch
-    centres, K = N - num_prefix, or (W, K, K) for window attention, where batch item b is window b % W. Returns (dist, entropy, negentropy, prefix, cross, js, colsum, rowsum_err, finite)
-    with the shapes and dtypes of `chunk_sums_tensors` (sums over all K patch queries of each image). One
+    centres, K = N - num_prefix, or (W, K, K) for window attention, where batch item b is window b % W. Returns the
+    `ChunkSums` of `chunk_sums_tensors` (sums over all K patch queries of each image). One
     difference: `finite` is False also for a NaN/+inf logit on a prefix key (the reference then returns a NaN
     prefix mass). Raises `UnsupportedStatsShape` for inputs the kernel does not handle (use the torch path).
     """
@@ -364,8 +365,8 @@ def fused_chunk_stats(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _reduce(rows: torch.Tensor, cross_p: torch.Tensor, js_p: torch.Tensor | None, col_p: torch.Tensor, H: int,
-            K: int, renormalize: bool) -> tuple[torch.Tensor, ...]:
-    """Per-row values and per-program partial sums -> the tuple of `chunk_sums_tensors` (float64 sums)."""
+            K: int, renormalize: bool) -> ChunkSums:
+    """Per-row values and per-program partial sums -> the `ChunkSums` of `chunk_sums_tensors` (float64 sums)."""
     f64 = torch.float64
     rowsum, negent, dist, prefix, bad = rows.unbind(0)                   # (B, H, K) each; prefix = m_i
     B = rowsum.shape[0]
@@ -380,5 +381,6 @@ def _reduce(rows: torch.Tensor, cross_p: torch.Tensor, js_p: torch.Tensor | None
         js_mat = js_mat + js_mat.transpose(1, 2)
     rowsum_err = (rowsum.to(torch.float32) - 1).abs().amax()
     finite = (bad == 0).all() & torch.isfinite(prefix).all()
-    return (dist.sum(-1), (math.log(K) - negent).sum(-1), negent.sum(-1), prefix.sum(-1), cross, js_mat,
-            col_p.to(f64).sum(1), rowsum_err, finite)
+    return ChunkSums(dist=dist.sum(-1), entropy=(math.log(K) - negent).sum(-1), negent=negent.sum(-1),
+                     prefix=prefix.sum(-1), cross=cross, js=js_mat, colsum=col_p.to(f64).sum(1), rowsum_err=rowsum_err,
+                     finite=finite)

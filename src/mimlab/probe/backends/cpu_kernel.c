@@ -1,69 +1,3 @@
-"""Fused CPU kernels for the probe: the attention statistics (`chunk_sums_tensors` in one pass of compiled C) and
-the float64 Gram matrices of CKA (`cpu_feature_gram`).
-
-Two entry points for the attention statistics return exactly what `mimlab.probe.attention_stats.chunk_sums_tensors`
-returns (same tuple, shapes, dtypes and formulas), for float32 on the CPU:
-- `cpu_qk_sums_tensors(q, k, attn_mask, scale, ...)` takes what the model hands to scaled_dot_product_attention
-  and forms the logits `s = scale q.k + mask` itself, a block of 4 queries x all keys at a time, in registers and
-  L1: no (heads x queries x keys) logits tensor is ever written (for ViT-S/16 that tensor is 30 MB per layer and
-  batch of 32, and the matmul that fills it costs as much as all the statistics);
-- `cpu_chunk_sums_tensors(logits, ...)` takes logits (for models captured through their softmax).
-Eager torch makes ~20 passes over each (heads x queries x keys) block, plus ~10 per pair of heads for Jensen-Shannon,
-each a trip through memory; this kernel takes one attention row of every head at a time (a few KB, in L1) and does
-all of it there, vectorised (AVX2/AVX-512 through GCC's vector extensions and `omp simd`, with inline exp and log1p
-polynomials: no libm call inside a row loop).
-
-Formulas, per head and query, with s the logits clamped at `rowmax - 1e4` (-inf = masked), K patch keys and a the
-shift: the mean patch logit when the row is within 1 of uniform (so x = s - a is small and centred and no sum
-below cancels), else the patch maximum (so x <= 0 is exact near the keys that matter):
-    em_j = expm1(x_j) (e^x and e^x - 1 from one polynomial, exact near 0), S = sum_j em_j, delta = log1p(S / K)
-    lpk_j = log(K p_j) = x_j - delta;  K p_j = 1 + u_j, u_j = c em_j + (c - 1), c = K / (K + S) near uniform,
-    K p_j = e^x_j c below (the float rounding of delta is carried as a correction of the sums)
-    negent = sum p lpk = (sum lpk + sum u lpk) / K (= log K - entropy; exact relative to its size near uniform)
-    dist = sum p D, colsum_j += p_j, prefix = sum_{j<P} exp(s_j - lse_all)
-    cross[h, g] += sum_j p_h ell_g,  ell = log(K p + K eps) = max(lpk, log K eps) + log1p(min/max(K p, K eps))
-    js[h, g] += 1/2 sum_j (p_h + p_g) G(|lpk_h - lpk_g| / 2),  G(x) = x tanh x - log cosh x
-(G = x^2 Q(x) with Q = G / x^2 tabulated: a degree-5 polynomial on each of 32 intervals of [0, 10), its coefficients
-picked per lane by a two-register vector permute (`js_table`; relative error < 1e-7, near 0 too, where G ~ x^2 / 2,
-so no cancellation), G = log 2 past 10: no transcendental function and no division per pair of heads.) Keys are padded
-to a multiple of 16 with p = 0, so every loop runs on whole vectors; the padding is masked by a loaded 0/1 vector,
-not by `j < K` (GCC splits a loop at such a test and runs the tail as scalar code: that was 30% of the row time).
-Sums over the keys of 4 queries are float32, everything summed over queries float64 (in vector lanes), in a fixed
-order (one image per task), so the result does not depend on the number of threads.
-
-The CKA Gram (`cpu_feature_gram`): G = Xc Xc^T in float64, Xc = X - column means (centred in float32, as
-`mimlab.probe.api.feature_gram` does with torch), one pass over X in L1-sized column chunks, 4 x 4 row tiles in
-registers, the column range split into 8 fixed parts added in order (so the number of threads does not change the
-sum). torch's version writes a float32 and a float64 copy of X (19 MB per ViT-S block and batch of 32) and reads
-them back: ~3x slower.
-
-The C source is compiled once per machine with the system C compiler (`cc`; GCC or Clang) into a cache folder
-(`$MIMLAB_CACHE`, else `~/.cache/mimlab`), keyed by a hash of the source and flags, and loaded with ctypes. With
-OpenMP (GCC) the batch entries (`batch_stats_qk`, `gram_parts`) run on an OpenMP team of torch's thread count:
-the library links `libgomp.so.1`, which in a process with torch's GNU OpenMP is torch's own runtime, so the worker
-threads that spin-wait after each of torch's parallel regions take the work at once. Threads of our own competed
-with those spinning threads for the cores: 2-10% of the whole probe's time on 2 cores. Without OpenMP (Clang
-without libomp, found by trying), the entries run one image set per call on a pool of Python threads (the calls
-release the GIL); the logits entry always does. A work buffer is kept per thread. Compiled with `-ffast-math` for
-the vector math, but linked without it (so the process's floating-point mode is left alone); NaN/inf are detected
-on the bit patterns, which fast-math cannot optimise away. If no compiler is found, `is_available()` is False and
-the probe uses the torch path.
-"""
-from __future__ import annotations
-
-import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-import torch
-
-_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -115,7 +49,7 @@ static inline float log1p_ratio(float a, float b) {
            + u * (1.0f / 13.0f + u * (1.0f / 15.0f))))))));
 }
 
-/*@JS_TABLE@*/
+#include "js_table.h"     /* JS_NI, JS_DEG, JS_XMAX, JS_TAB: written by cpu_kernel.py at build time */
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 static inline vf vbcast(float x) { return (vf){} + x; }
@@ -262,7 +196,8 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     /* shift a: the mean logit when the row is within 1 of uniform, so x = s - a is centred and small and the sums
        of x and of log K p below do not cancel; else the maximum, so x <= 0 is exact near the keys that matter */
     const float mean = ssum * c->inv_k;
-    const float m = pm - mean <= 1.0f ? mean : pm;
+    const int centred = pm - mean <= 1.0f;
+    const float m = centred ? mean : pm;
     for (int j = K; j < Kp; j++) sp[j] = pm - 40.0f;            /* padding (p = 0 is set below) */
     float *restrict lh = ALIGNED(c->lpk + (size_t)h * Kp), *restrict ph = ALIGNED(c->p + (size_t)h * Kp);
     float *restrict eh = ALIGNED(c->ell + (size_t)h * Kp), *restrict kh = ALIGNED(c->kp);
@@ -270,20 +205,23 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     const float *restrict vm = ALIGNED(c->valid);
     /* pass 1: x = s - m, ex = exp(x), em = expm1(x); sum_j exp(x_j) = K + S. Below -80, exp(x) is taken as 0 and
        expm1(x) as -1 (no denormals). */
-    float S = 0.0f;
-    #pragma omp simd simdlen(VW) reduction(+:S) aligned(sp, lh, ph, kh, vm : 64)
+    float S = 0.0f, T = 0.0f;
+    #pragma omp simd simdlen(VW) reduction(+:S, T) aligned(sp, lh, ph, kh, vm : 64)
     for (int j = 0; j < Kp; j++) {
         float x = sp[j] - m, ex, em;
         exp_expm1(x > -80.0f ? x : -80.0f, &ex, &em);
         ex = x > -80.0f ? ex : 0.0f;
         em = x > -80.0f ? em : -1.0f;
-        lh[j] = x; ph[j] = em; kh[j] = ex; S += em * vm[j];
+        lh[j] = x; ph[j] = em; kh[j] = ex; S += em * vm[j]; T += ex * vm[j];
     }
-    /* log K p_j = x_j - delta, delta = log1p(S / K);  K p_j = c (1 + em_j) = 1 + u_j, u_j = c em_j + (c - 1),
-       c = K / (K + S): u is exact relative to its size near uniform, where the sums below need it */
-    double Sd = (double)S, KS = (double)K + Sd;
-    double delta_d = log1p(Sd / (double)K);
-    float delta = (float)delta_d, cf = (float)((double)K / KS), cm1 = (float)(-Sd / KS);
+    /* sum_j e^x_j = K + S: near uniform (centred) from S, whose terms are small; else T, the sum itself (all
+       terms positive: no cancellation; K + S would lose the digits of a peaked row's sum, ~1 << K, to the rounding
+       of K terms ~ -1). log K p_j = x_j - delta, delta = log(KS / K); K p_j = c e^x_j, c = K / KS, and near
+       uniform K p_j = 1 + u_j, u_j = c em_j + (c - 1), exact relative to its (small) size */
+    double KS = centred ? (double)K + (double)S : (double)T;
+    double delta_d = centred ? log1p((double)S / (double)K) : log(KS / (double)K);
+    float delta = (float)delta_d, cf = (float)((double)K / KS);
+    float cm1 = (float)(centred ? -(double)S / KS : (double)K / KS - 1.0);
     float su = 0.0f, sl = 0.0f, sul = 0.0f, dd = 0.0f;
     const float lke = c->lke, keps = c->keps, inv_k = c->inv_k;
     #pragma omp simd simdlen(VW) reduction(+:su, sl, sul, dd) aligned(lh, ph, eh, kh, drow, vm : 64)
@@ -292,9 +230,9 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
         float l = lh[j] - delta;
         float u = cf * ph[j] + cm1;
         float kpe = kh[j] * cf;                     /* K p = e^(x - delta) = e^x c: exact in relative terms */
-        /* K p = 1 + u near uniform (|l| < 1: exact to its deviation from 1), exp(l) below (1 + u would have lost
-           the digits of a small K p to the rounding of c em ~ -c) */
-        int near = l > -1.0f;
+        /* K p = 1 + u near uniform (|l| < 1: exact to its deviation from 1), e^x c elsewhere (1 + u would lose the
+           digits of K p to the rounding of c em ~ -c: below, and in every row shifted by its maximum) */
+        int near = centred & (l > -1.0f);
         float kpn = near ? 1.0f + u : kpe;
         float pj = kpn * inv_k * valid;
         /* sum K p l = sum l + sum u l near uniform; sum K p l directly below */
@@ -663,307 +601,3 @@ int gram_parts(int t0, int t1, int nsets, int nparts, const float *x, int n, lon
         }
     return ok;
 }
-"""
-
-# The Jensen-Shannon function G(x) = x tanh x - log cosh x, tabulated for the kernel as G = x^2 Q(x): Q on JS_NI
-# intervals of [0, JS_XMAX), a degree-JS_DEG polynomial on each (the Chebyshev interpolant in float64, written in
-# powers of s = x / w - k - 1/2, s in [-1/2, 1/2)). Max relative error of Q with float32 coefficients: 6e-8
-# (tests/test_cpu_stats.py checks the table against float64 G).
-JS_XMAX, JS_NI, JS_DEG = 10.0, 32, 5
-
-
-def js_g_over_x2(x):
-    """Q(x) = G(x) / x^2 in float64, G(x) = x tanh x - log cosh x = log 2 - 2 x e / (1 + e) - log1p(e), e = exp(-2x);
-    by its Taylor series below 0.1 (G = x^2/2 - x^4/4 + x^6/9 - 17 x^8/360 + ...)."""
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(-2 * x)
-    x2 = x * x
-    g = np.log(2) - 2 * x * e / (1 + e) - np.log1p(e)
-    ser = 0.5 + x2 * (-0.25 + x2 * (1 / 9 + x2 * (-17 / 360 + x2 * (31 / 1575 + x2 * (-691 / 85050 + x2 * (
-        10922 / 3274425 + x2 * (-929569 / 681080400)))))))
-    return np.where(x < 0.1, ser, g / np.maximum(x2, 1e-300))
-
-
-def js_table():
-    """(JS_DEG + 1, JS_NI) float32: row d = coefficient of s^d for every interval."""
-    import numpy as np
-    from numpy.polynomial import chebyshev as C
-
-    w, n = JS_XMAX / JS_NI, JS_DEG + 1
-    nodes = np.cos(np.pi * (np.arange(n) + 0.5) / n)
-    tab = np.empty((n, JS_NI))
-    for k in range(JS_NI):
-        cheb = C.chebfit(nodes, js_g_over_x2((k + 0.5 + nodes / 2) * w), JS_DEG)   # interpolant in t = 2 s
-        tab[:, k] = C.cheb2poly(cheb) * 2.0 ** np.arange(n)
-    return tab.astype(np.float32)
-
-
-def _js_table_c() -> str:
-    rows = ",\n    ".join("{" + ", ".join(f"{float(v)!r}f" for v in row) + "}" for row in js_table())
-    return (f"#define JS_NI {JS_NI}\n#define JS_DEG {JS_DEG}\n#define JS_XMAX {JS_XMAX!r}f\n"
-            f"static const float JS_TAB[JS_DEG + 1][JS_NI] __attribute__((aligned(64))) = {{\n    {rows}}};\n")
-
-
-_SOURCE = _SOURCE.replace("/*@JS_TABLE@*/\n", _js_table_c())
-
-
-# -O3 and the native ISA for speed; fast-math only at compile time (vectorised expf/logf from libmvec), never at
-# link time (that would link crtfastmath and flush denormals process-wide). OpenMP for the batch entries' teams
-# (linked to libgomp.so.1: in a process with torch's GNU OpenMP, that same runtime); if the compiler has no
-# OpenMP (e.g. Clang without libomp), the build without it, whose batch entries run serially on each of our threads.
-_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-std=gnu11"]
-_OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
-_LOCK = threading.Lock()
-_LIB: ctypes.CDLL | None = None
-_ERROR: str | None = None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MIMLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mimlab")
-    return Path(root) / "cpu_stats"
-
-
-def _compile(cc: str, flags: list[str]) -> Path:
-    """The shared library built with these flags (cached by a hash of source, flags and compiler); a failed build
-    raises RuntimeError and leaves a marker, so the same failing build is not retried by every process (delete
-    `cpu_stats_*.failed` in the cache folder to retry, e.g. after installing an OpenMP runtime for Clang)."""
-    tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS + flags) + cc + os.uname().machine).encode()).hexdigest()[:16]
-    d = _cache_dir()
-    so, failed = d / f"cpu_stats_{tag}.so", d / f"cpu_stats_{tag}.failed"
-    if so.is_file():
-        return so
-    if failed.is_file():
-        raise RuntimeError(failed.read_text())
-    d.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=d) as tmp:
-        src, obj, out = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
-        src.write_text(_SOURCE)
-        for cmd in ([cc, *_CFLAGS, *flags, "-c", str(src), "-o", str(obj)],
-                    [cc, "-shared", *flags, str(obj), "-o", str(out), "-lm", "-lmvec"]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0 and "-lmvec" in cmd:   # no libmvec (not glibc): scalar math, still fused
-                cmd.remove("-lmvec")
-                r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                msg = f"{' '.join(cmd)} failed: {r.stderr.strip()[:500]}"
-                failed.write_text(msg)
-                raise RuntimeError(msg)
-        os.replace(out, so)                              # atomic: a concurrent build just wins or loses
-    return so
-
-
-def _build() -> ctypes.CDLL:
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    errors = []
-    for flags in _OPENMP_FLAGS:      # a build that fails to compile, or to load (e.g. an OpenMP runtime in the
-        try:                         # process without the symbols it needs), gives way to the next
-            lib = ctypes.CDLL(str(_compile(cc, flags)))
-            break
-        except (RuntimeError, OSError) as e:
-            errors.append(str(e))
-    else:
-        raise RuntimeError("; ".join(errors))
-    P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
-    lib.image_stats.argtypes = [P, P, I, I, I, I, F, I, I] + [P] * 9
-    lib.image_stats.restype = I
-    lib.batch_stats_qk.argtypes = ([I, I, I, I, P, L, L, L, P, L, L, L, P, L, L, L, F, I, P, L, I, I, I, F, I, I]
-                                   + [P] * 9)
-    lib.batch_stats_qk.restype = I
-    lib.gram_parts.argtypes = [I, I, I, I, P, I, L, L, P, P]
-    lib.gram_parts.restype = I
-    lib.has_openmp.argtypes = []
-    lib.has_openmp.restype = I
-    lib.padded_keys.argtypes = [I]
-    lib.padded_keys.restype = I
-    return lib
-
-
-def _lib() -> ctypes.CDLL | None:
-    global _LIB, _ERROR
-    with _LOCK:
-        if _LIB is None and _ERROR is None:
-            try:
-                _LIB = _build()
-            except Exception as e:  # no compiler, read-only cache, ...: the torch path is used instead
-                _ERROR = f"{type(e).__name__}: {e}"
-        return _LIB
-
-
-def is_available() -> bool:
-    """True when the kernel is compiled (or compiles now) and loads."""
-    return _lib() is not None
-
-
-def unavailable_reason() -> str | None:
-    _lib()
-    return _ERROR
-
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None    # (threads, pool), rebuilt when the thread count changes
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL[0] != n:
-        _POOL = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="mimlab-stats"))
-    return _POOL[1]
-
-
-def _outputs(b: int, H: int, K: int) -> list[torch.Tensor]:
-    f64 = torch.float64
-    return [torch.empty(b, H, dtype=f64) for _ in range(4)] + [
-        torch.empty(b, H, H, dtype=f64), torch.empty(b, H, H, dtype=f64), torch.empty(b, H, K, dtype=f64),
-        torch.empty(b, dtype=torch.float32), torch.zeros(b, dtype=torch.int32)]
-
-
-def _padded_dist(lib: ctypes.CDLL, dist_rows: torch.Tensor, b: int, nq: int, K: int) -> torch.Tensor:
-    """(1 or b, nq, Kp) float32, zero padded to the kernel's key width, from (nq, K) or (b, 1, nq, K)."""
-    Kp = int(lib.padded_keys(K))
-    d = dist_rows.to(torch.float32)
-    d = d.reshape(1, nq, K) if d.dim() == 2 else d.reshape(d.shape[0], nq, K)
-    if d.shape[0] not in (1, b):
-        raise ValueError(f"cpu stats kernel: dist_rows {tuple(dist_rows.shape)} for {b} images")
-    return torch.nn.functional.pad(d, (0, Kp - K)).contiguous()
-
-
-def _threads(items: int) -> int:
-    """How many sets to split `items` independent items into: torch's thread count, at most one set per item."""
-    return max(1, min(torch.get_num_threads(), items))
-
-
-def _run(n: int, work, team: bool = False) -> None:
-    """work(t0, t1, n) does the item sets t0 <= t < t1 of n (set t = items t, t + n, ...; items are independent, so
-    any split gives the same numbers) and returns false if it ran out of memory. `team`: work runs its sets on an
-    OpenMP team (a C batch entry of a library built with OpenMP), so one call does all; else one call per set, each
-    on a thread of our pool."""
-    if n == 1 or team:
-        ok = [work(0, n, n)]
-    else:
-        ok = list(_pool(n).map(lambda t: work(t, t + 1, n), range(n)))
-    if not all(ok):
-        raise MemoryError("cpu stats kernel: out of memory for its work buffers")
-
-
-def _finish(out: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    dsum, esum, nsum, psum, cross, js_mat, colsum, rowerr, bad = out
-    finite = torch.tensor(bool((bad == 0).all()) and bool(torch.isfinite(psum).all()))
-    return dsum, esum, nsum, psum, cross, js_mat, colsum, rowerr.max(), finite
-
-
-def _ptrs(out: list[torch.Tensor], i: int) -> list[int]:
-    return [t[i].data_ptr() for t in out[:7]] + [out[7][i:].data_ptr(), out[8][i:].data_ptr()]
-
-
-def _lib_for(entry: str, shape: str, **tensors: torch.Tensor) -> ctypes.CDLL:
-    """The loaded library for `entry`, once every tensor is float32 on the CPU with as many dimensions as `shape`
-    names (ValueError naming the entry, the tensor and the expected shape; RuntimeError without the library)."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"the CPU statistics kernel is unavailable: {_ERROR}")
-    for name, t in tensors.items():
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != shape.count(",") + 1:
-            raise ValueError(f"{entry}: float32 CPU {name} {shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-    return lib
-
-
-def cpu_chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, eps: float,
-                           renormalize: bool, js: bool = True) -> tuple[torch.Tensor, ...]:
-    """`chunk_sums_tensors` for float32 CPU logits (b, H, nq, N); dist_rows (nq, K) or (b, 1, nq, K)."""
-    lib = _lib_for("cpu_chunk_sums_tensors", "(b, H, nq, N)", logits=logits)
-    b, H, nq, N = logits.shape
-    P = int(num_prefix)
-    K = N - P
-    x = logits.contiguous()
-    dist = _padded_dist(lib, dist_rows, b, nq, K)
-    out = _outputs(b, H, K)
-    flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
-
-    def work(t0: int, t1: int, n: int) -> bool:
-        ok = True
-        for t in range(t0, t1):
-            for i in range(t, b, n):
-                d = dist[i if dist.shape[0] > 1 else 0]
-                ok &= bool(lib.image_stats(x[i].data_ptr(), d.data_ptr(), H, nq, N, P, *flags, *_ptrs(out, i)))
-        return ok
-
-    _run(_threads(b), work)
-    return _finish(out)
-
-
-def cpu_qk_sums_tensors(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float,
-                        num_prefix: int, dist_rows: torch.Tensor, eps: float, renormalize: bool,
-                        js: bool = True) -> tuple[torch.Tensor, ...]:
-    """`chunk_sums_tensors` of the logits `scale * q k^T + attn_mask` for the patch queries, without forming them.
-
-    q, k: (b, H, N, D) float32 CPU tensors (any strides; the last dimension is made contiguous); attn_mask None or
-    an additive float mask broadcastable to (b, H, N, N); dist_rows (N - P, K) or (b, 1, N - P, K).
-    """
-    lib = _lib_for("cpu_qk_sums_tensors", "(b, H, N, D)", q=q, k=k)
-    if q.shape != k.shape:
-        raise ValueError(f"cpu_qk_sums_tensors: q {tuple(q.shape)} and k {tuple(k.shape)} differ")
-    b, H, N, D = q.shape
-    P = int(num_prefix)
-    K = N - P
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    mask = None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool or not attn_mask.is_floating_point():
-            raise ValueError("cpu_qk_sums_tensors: only additive float masks")
-        mask = attn_mask.to(torch.float32)
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-        if mask.shape[0] not in (1, b) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (N, N):
-            raise ValueError(f"cpu_qk_sums_tensors: mask {tuple(attn_mask.shape)} for {b} x {H} x {N} x {N}")
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
-    dist = _padded_dist(lib, dist_rows, b, N - P, K)
-    out = _outputs(b, H, K)
-    flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
-    qs, ks = q.stride(), k.stride()
-    if mask is None:
-        mp, mb, mh, mi = None, 0, 0, 0
-    else:
-        mp, mi = mask.data_ptr(), mask.stride(2)
-        mb = mask.stride(0) if mask.shape[0] > 1 else 0
-        mh = mask.stride(1) if mask.shape[1] > 1 else 0
-    db = dist.stride(0) if dist.shape[0] > 1 else 0
-    ptrs = [t.data_ptr() for t in out]
-
-    def work(t0: int, t1: int, n: int) -> int:      # image sets t0 <= t < t1 of n in one C call
-        return lib.batch_stats_qk(t0, t1, n, b, q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), ks[0], ks[1], ks[2],
-                                  mp, mb, mh, mi, float(scale), D, dist.data_ptr(), db, H, N, P, *flags, *ptrs)
-
-    _run(_threads(b), work, team=bool(lib.has_openmp()))
-    return _finish(out)
-
-
-GRAM_PARTS = 8      # column parts of the Gram (fixed, so the sum order does not depend on the number of threads)
-
-
-def cpu_feature_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For float32 CPU features x (n, d): (G, musq), G = xc xc^T in float64 with xc = x - mean over the rows
-    (centred in float32), musq = sum of the squared column means (float64 scalar tensor). As
-    `mimlab.probe.api.feature_gram` computes them with torch, without its float32 and float64 copies of x."""
-    lib = _lib_for("cpu_feature_gram", "(n, d)", features=x)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    n, d = x.shape
-    parts = torch.empty(GRAM_PARTS, n, n, dtype=torch.float64)
-    musq = torch.empty(GRAM_PARTS, dtype=torch.float64)
-    def work(t0: int, t1: int, k: int) -> int:      # column-part sets t0 <= t < t1 of k in one C call
-        return lib.gram_parts(t0, t1, k, GRAM_PARTS, x.data_ptr(), n, x.stride(0), d, parts.data_ptr(),
-                              musq.data_ptr())
-
-    _run(_threads(GRAM_PARTS), work, team=bool(lib.has_openmp()))
-    g = parts[0].clone()
-    for p in range(1, GRAM_PARTS):
-        g += parts[p]
-    g = g.triu() + g.triu(1).T
-    return g, musq.sum()

@@ -6,10 +6,14 @@ import argparse
 EPILOG = """examples:
   mimlab probe vit_small_patch16_224 --data builtin --images 64 --out runs/probe
   mimlab probe sim=beit_base_patch16_224@simmim_pretrain.pth sup=deit_base_patch16_224@deit_base.pth \\
-      --model-kwargs use_abs_pos_emb=False,use_rel_pos_bias=True,init_values=0.1 --model-kwargs "" \\
-      --data /data/imagenet/val --images 1000 --batch-size 50 --device cuda --out runs/vitb
+      --model-kwargs use_abs_pos_emb=False,use_rel_pos_bias=True,init_values=0.1,use_fc_norm=False \\
+      --model-kwargs "" --data /data/imagenet/val --images 1000 --batch-size 50 --device cuda --out runs/vitb
 MODEL is [LABEL=]ARCH[@CHECKPOINT]: ARCH a timm model name (ViT, DeiT, BEiT, Swin, SwinV2, ...) or hf:DIR (a Hugging
 Face save_pretrained directory); without a checkpoint the model is randomly initialised (flagged loudly)."""
+
+# ProbeConfig fields whose flag is not --field-name
+FLAGS = {"kernel": "--stats-kernel", "renormalize": "--no-renormalize", "js": "--no-js", "cka": "--no-cka",
+         "models": "MODEL", "progress": "--quiet", "report": "--no-report"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-js", action="store_true",
                    help="skip Jensen-Shannon head diversity (the costliest statistic; reported as NaN)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the statistics kernel: fused loops, faster on long runs, ~20-60 s to compile")
+                   help="torch.compile the torch statistics path (with --stats-kernel torch, or where no fused kernel "
+                        "runs): ~20-60 s to compile")
     p.add_argument("--stats-kernel", default="auto", choices=["auto", "torch", "triton", "cpu"],
                    help="auto: the fused Triton kernel on CUDA, the fused C kernel on the CPU (compiled on first "
                         "use with the system C compiler), else the torch path")
@@ -52,22 +57,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
-def run(args: argparse.Namespace) -> int:
-    from mimlab.probe.api import ProbeConfig, images_per_second
-    from mimlab.probe.run import ProbeRequest, run_probe, summary_lines
+def config_from_args(args: argparse.Namespace):
+    from mimlab.probe.api import ProbeConfig
 
-    cfg = ProbeConfig(renormalize=not args.no_renormalize, kl_eps=args.kl_eps, nmi_norm=args.nmi_norm,
-                      cka=not args.no_cka, cka_features=args.cka_features, bootstrap=args.bootstrap,
-                      stats_dtype=args.stats_dtype, js=not args.no_js, compile=args.compile, kernel=args.stats_kernel,
-                      seed=args.seed)
-    req = ProbeRequest(models=args.models, data=args.data, images=args.images, batch_size=args.batch_size,
-                       out=args.out, device=args.device, seed=args.seed, model_kwargs=args.model_kwargs,
+    return ProbeConfig(models=tuple(args.models), data=args.data, images=args.images, batch_size=args.batch_size,
+                       out=args.out, device=args.device, seed=args.seed, model_kwargs=tuple(args.model_kwargs),
                        checkpoint_format=args.checkpoint_format, precision=args.precision, workers=args.workers,
-                       config=cfg, report=not args.no_report, progress=not args.quiet)
-    result, paths = run_probe(req)
+                       report=not args.no_report, progress=not args.quiet, renormalize=not args.no_renormalize,
+                       kl_eps=args.kl_eps, nmi_norm=args.nmi_norm, cka=not args.no_cka,
+                       cka_features=args.cka_features, bootstrap=args.bootstrap, stats_dtype=args.stats_dtype,
+                       js=not args.no_js, compile=args.compile, kernel=args.stats_kernel)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mimlab.probe.run import run_probe, summary_lines
+
+    cfg = config_from_args(args)
+    result, paths = run_probe(cfg)
+    if cfg.out and cfg.report:
+        from mimlab.report import write_probe_report
+
+        paths.update(write_probe_report(result.to_dict(), cfg.out))
     if not args.quiet:
         print("\n".join(summary_lines(result)))
-        print(f"{result.num_images} images in {result.seconds:.1f} s ({images_per_second(result):.1f} img/s)")
+        print(f"{result.num_images} images in {result.seconds:.1f} s ({result.images_per_second:.1f} img/s)")
     if paths:
         print(f"metrics: {paths['metrics']}")
         if "report" in paths:

@@ -1,4 +1,5 @@
-"""`mimlab data KIND ...`: write a built-in formula-driven dataset as a torchvision ImageFolder."""
+"""`mimlab data KIND ...`: write a built-in dataset: pretraining images as an ImageFolder, or a transfer task's
+dataset in its real on-disk format."""
 from __future__ import annotations
 
 import argparse
@@ -26,18 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     # the transfer tasks' datasets, written in their real on-disk formats (COCO JSON, NYUv2, GOT-10k, ImageFolder)
-    from mimlab.transfer.synthetic import add_data_subcommands
-
-    add_data_subcommands(sub)
+    add_downstream_subcommands(sub)
 
 
 def run(args: argparse.Namespace) -> int:
     import time
 
     if getattr(args, "_generate", None):
-        from mimlab.transfer.synthetic import run_data_subcommand
-
-        return run_data_subcommand(args)
+        return run_downstream_subcommand(args)
 
     from mimlab.data.synthetic import write_imagefolder
 
@@ -50,4 +47,31 @@ def run(args: argparse.Namespace) -> int:
         if args.val_per_class else ""
     print(f"wrote {n} {args.kind} images{split}, {args.classes} classes, {args.size}px, to {out} "
           f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def add_downstream_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `finegrained`, `keypoints`, `depth`, `tracking` sub-commands to an argparse sub-parser group."""
+    from mimlab.data.downstream import KINDS
+
+    for kind, (_, _, help_text, options) in KINDS.items():
+        p = subparsers.add_parser(kind, help=help_text, description=help_text)
+        p.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+        for name, (typ, default, opt_help) in options.items():
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=default,
+                           help=f"{opt_help} (default {default})")
+        p.set_defaults(_generate=kind)
+
+
+def run_downstream_subcommand(args: argparse.Namespace) -> int:
+    """Run the sub-command parsed by `add_downstream_subcommands`; prints a one-line summary."""
+    from mimlab.data.downstream import KINDS, generate
+
+    kind = args._generate
+    params = {name: getattr(args, name) for name in KINDS[kind][3]}
+    meta = generate(kind, args.out, seed=args.seed, overwrite=args.overwrite, **params)
+    print(f"wrote {kind} dataset to {args.out}: " + ", ".join(f"{k}={v}" for k, v in meta.items()
+                                                              if k not in ("classes", "kind")))
     return 0

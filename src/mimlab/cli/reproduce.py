@@ -26,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
         raise MimlabError("give --preset or --config (which may name a preset), not both")
     cfg = load_config_file(args.config) if args.config else build_config(args.preset or "quick")
     if args.device:
-        cfg.device = args.device
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, device=args.device)
     t0 = time.perf_counter()
     summary = Study(cfg, args.out, force=tuple(args.force), progress=not args.quiet).run()
     print(f"\n{summary['scale']}")

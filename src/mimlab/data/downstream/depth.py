@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mimlab.errors import MimlabError
-from mimlab.transfer.synthetic.common import check_positive, prepare_out, rng_for, smooth_noise, to_uint8
+from mimlab.data.downstream.common import check_positive, prepare_out, rng_for, smooth_noise, to_uint8
 
 MAX_DEPTH_M = 10.0
 

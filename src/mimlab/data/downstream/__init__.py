@@ -5,13 +5,11 @@
 - `depth`: layered indoor scenes with exact depth maps, NYUv2 layout (see `depth.py`).
 - `tracking`: a moving target among distractors, GOT-10k layout (see `tracking.py`).
 
-Python: `generate(kind, out, **params)`. Command line: `add_data_subcommands(subparsers)` adds one sub-command per
-kind to an argparse sub-parser group (the `mimlab data` verb), each with `--out`, `--seed`, `--overwrite` and its
-size options; the parsed namespace carries `_generate` so the verb runs `run_data_subcommand(args)`.
+Python: `generate(kind, out, **params)`; on the command line, `mimlab data KIND` (`mimlab.cli.data`) with each
+kind's options from `KINDS`.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +42,7 @@ def _generator(kind: str) -> Callable[..., dict]:
     if kind not in KINDS:
         raise MimlabError(f"unknown synthetic dataset '{kind}' (choose from {', '.join(KINDS)})")
     module, func, _, _ = KINDS[kind]
-    return getattr(importlib.import_module(f"mimlab.transfer.synthetic.{module}"), func)
+    return getattr(importlib.import_module(f"mimlab.data.downstream.{module}"), func)
 
 
 def generate(kind: str, out: str | Path, *, seed: int = 0, overwrite: bool = False, **params: Any) -> dict:
@@ -54,26 +52,3 @@ def generate(kind: str, out: str | Path, *, seed: int = 0, overwrite: bool = Fal
     if kind in KINDS and unknown:
         raise MimlabError(f"synthetic '{kind}': unknown parameter(s) {sorted(unknown)} (known: {sorted(known)})")
     return _generator(kind)(out, seed=seed, overwrite=overwrite, **params)
-
-
-def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `finegrained`, `keypoints`, `depth`, `tracking` sub-commands to an argparse sub-parser group."""
-    for kind, (_, _, help_text, options) in KINDS.items():
-        p = subparsers.add_parser(kind, help=help_text, description=help_text)
-        p.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
-        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-        p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-        for name, (typ, default, opt_help) in options.items():
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=default,
-                           help=f"{opt_help} (default {default})")
-        p.set_defaults(_generate=kind)
-
-
-def run_data_subcommand(args: argparse.Namespace) -> int:
-    """Run the sub-command parsed by `add_data_subcommands`; prints a one-line summary."""
-    kind = args._generate
-    params = {name: getattr(args, name) for name in KINDS[kind][3]}
-    meta = generate(kind, args.out, seed=args.seed, overwrite=args.overwrite, **params)
-    print(f"wrote {kind} dataset to {args.out}: " + ", ".join(f"{k}={v}" for k, v in meta.items()
-                                                              if k not in ("classes", "kind")))
-    return 0

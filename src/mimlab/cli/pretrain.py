@@ -89,15 +89,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-progress", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
-    from mimlab.models.factory import parse_model_kwargs
-    from mimlab.pretrain.api import PretrainConfig, pretrain
+FLAGS = {"ema_decay": "--ema", "norm_pix_loss": "--no-norm-pix-loss", "tensorboard": "--no-tensorboard",
+         "progress": "--no-progress"}
 
-    cfg = PretrainConfig(
+
+def config_from_args(args: argparse.Namespace):
+    from mimlab.models.factory import parse_model_kwargs
+    from mimlab.pretrain.api import PretrainConfig
+
+    return PretrainConfig(
         method=args.method, model=args.model, data=args.data, out=args.out,
         model_kwargs=parse_model_kwargs(args.model_kwargs), steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-        probe_every=args.probe_every, probe_images=args.probe_images, deterministic=args.deterministic,
+        deterministic=args.deterministic,
         device=args.device, compile=args.compile, precision=args.precision, accum_steps=args.accum_steps,
         workers=args.workers, threads=args.threads, warmup_steps=args.warmup_steps, schedule=args.schedule,
         milestones=tuple(args.milestones) if args.milestones else None, weight_decay=args.weight_decay,
@@ -107,7 +111,23 @@ def run(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, crop_scale=args.crop_scale,
         bad_images=args.bad_images,
         log_every=args.log_every, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
-    res = pretrain(cfg)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mimlab.pretrain.api import check_config, pretrain
+
+    cfg = config_from_args(args)
+    check_config(cfg)
+    callbacks = []
+    if args.probe_every < 0:
+        from mimlab.errors import ConfigError
+
+        raise ConfigError("probe_every", f"must be >= 0, got {args.probe_every}")
+    if args.probe_every:
+        from mimlab.probe.online import online_probe
+
+        callbacks.append(online_probe(args.probe_every, args.probe_images, cfg.data, cfg.seed))
+    res = pretrain(cfg, callbacks)
     if res.model_path is not None:
         loss = f"{res.final_loss:.4f}" if res.final_loss is not None else "n/a"
         ips = f"{res.img_per_s:.0f} img/s" if res.img_per_s else "n/a"
