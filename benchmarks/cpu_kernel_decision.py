@@ -43,22 +43,19 @@ def build(model_name: str, img_size: int, batch: int):
 def probe_fn(model, x, kernel: str, compile_: bool):
     from mimlab.probe.api import ProbeConfig, probe
 
-    kwargs = {"kernel": kernel}
-    if compile_:
-        kwargs["compile"] = True
-    cfg = ProbeConfig(bootstrap=200, cka=True, **kwargs)
+    cfg = ProbeConfig(batch_size=x.shape[0], bootstrap=200, cka=True, kernel=kernel, compile=compile_)
 
     def run():
-        return probe({"m": model}, x, batch_size=x.shape[0], config=cfg)
+        return probe({"m": model}, x, cfg)
     return run
 
 
 def has_c_kernel() -> bool:
     try:
-        from mimlab.probe import cpu_stats  # noqa: F401
-    except ImportError:
+        from mimlab.probe.backends import cpu_kernel
+    except ImportError:         # a checkout without the C kernel
         return False
-    return cpu_stats.is_available()
+    return cpu_kernel.is_available()
 
 
 def peaked_logits(b: int, H: int, nq: int, N: int, seed: int = 0):
@@ -82,10 +79,9 @@ def stats_error(kind: str, logits, num_prefix: int, dist) -> float:
     """Largest relative error of the per-image statistics of one path vs the float64 torch definition."""
     import torch
 
-    from mimlab.probe.attention_stats import ChunkSums, chunk_sums_tensors, finalize_image_stats
+    from mimlab.probe.attention_stats import chunk_sums_tensors, finalize_image_stats
 
-    def values(out):
-        s = ChunkSums(*out[:8])
+    def values(s):
         v = finalize_image_stats(s, logits.shape[2], float(dist.mean()))
         return torch.stack([v[k] for k in sorted(v)])
 
@@ -97,9 +93,9 @@ def stats_error(kind: str, logits, num_prefix: int, dist) -> float:
         fn = torch.compile(chunk_sums_tensors, dynamic=False)
         got = values(fn(x, dist, num_prefix, 1e-8, True))
     else:
-        from mimlab.probe.cpu_stats import cpu_chunk_sums_tensors
+        from mimlab.probe.backends.cpu_kernel import logits_sums
 
-        got = values(cpu_chunk_sums_tensors(x, dist, num_prefix, 1e-8, True))
+        got = values(logits_sums(x, dist, num_prefix, 1e-8, True))
     return float(((got - ref).abs() / ref.abs().clamp_min(1e-12)).max())
 
 

@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     import torch
 
     from mimlab.models.layout import attention_modules, inspect_layout
-    from mimlab.probe import triton_stats
+    from mimlab.probe.backends import triton_kernel as triton_stats
     from mimlab.probe.attention_stats import attention_logits, chunk_sums_tensors
     from mimlab.probe.capture import capture_attention
 
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
         def sink(name, call):
             out = triton_stats.fused_chunk_stats(call.q, call.k, expand_mask(call), call.scale, P, dist32, js=js,
                                                  block_q=bq, block_k=bk, num_warps=nw)
-            keep.append(out[-1])                  # the finite flags: checked after timing, no host sync per block
+            keep.append(out.finite)               # the finite flags: checked after timing, no host sync per block
         return sink, keep
 
     def torch_sink(kernel):
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
                 m = None if mask is None else (mask[b0:b1] if mask.shape[0] == B else mask)[..., P:, :]
                 logits = attention_logits(q[b0:b1, :, P:], k[b0:b1], m, call.scale)
                 out = kernel(logits, dist32, P, 1e-8, True, js)
-                keep.append(out[-1])
+                keep.append(out.finite)
         return sink, keep
 
     def timed(fn):
@@ -205,7 +205,7 @@ def accuracy(args, model, x, attn, P, dist32, js, autocast) -> dict:
     """Max relative error per metric (over layers, images, heads): kernel vs float32 / float64 torch paths."""
     import torch
 
-    from mimlab.probe import triton_stats
+    from mimlab.probe.backends import triton_kernel as triton_stats
     from mimlab.probe.attention_stats import ChunkSums, attention_logits, chunk_sums_tensors, finalize_image_stats
     from mimlab.probe.capture import capture_attention
 
@@ -215,8 +215,9 @@ def accuracy(args, model, x, attn, P, dist32, js, autocast) -> dict:
     with autocast(), capture_attention(attn, lambda name, call: calls.append(call)):
         model.forward_features(x)
 
-    def metrics(t):
-        return finalize_image_stats(ChunkSums(*(v.double().cpu() for v in t[:8])), K, uniform)
+    def metrics(t: ChunkSums):
+        return finalize_image_stats(ChunkSums(**{k: v.double().cpu() if k not in ("rowsum_err", "finite") else v
+                                                 for k, v in vars(t).items()}), K, uniform)
 
     worst = {"vs_float32": {}, "vs_float64": {}, "float32_vs_float64": {}}
     for call in calls:

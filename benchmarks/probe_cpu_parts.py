@@ -1,7 +1,8 @@
 """Two parts of the CPU probe against their obvious alternatives, each pair alternated in one process.
 
 - gram:  the float64 CKA Gram of one batch's block outputs (32 x 197 x 384 for ViT-S/16): the C kernel
-         (`feature_gram(x, kernel=True)`) vs torch (`feature_gram(x)`: float32 and float64 copies, then dgemm);
+         (`feature_gram(x, cpu_kernel.feature_gram_parts)`) vs torch (`feature_gram(x)`: float32 and float64
+         copies, then dgemm);
 - team:  the whole probe of one batch with the C kernel's batch entries on an OpenMP team (torch's runtime) vs the
          same entries on a pool of Python threads (as a build without OpenMP runs them), and the plain forward pass,
          the three rotated every round.
@@ -19,17 +20,19 @@ import time
 def bench_gram(rounds: int) -> None:
     import torch
 
-    from mimlab.probe.api import feature_gram
+    from mimlab.probe.backends import cpu_kernel
+    from mimlab.probe.backends.torch_stats import feature_gram
 
     x = torch.randn(32, 197 * 384, generator=torch.Generator().manual_seed(0)) + 5.0
-    feature_gram(x, kernel=True)
+    c = cpu_kernel.feature_gram_parts
+    feature_gram(x, c)
     feature_gram(x)
     tc, tt = [], []
     for r in range(rounds):
-        for kernel in ((True, False) if r % 2 == 0 else (False, True)):
+        for use_c in ((True, False) if r % 2 == 0 else (False, True)):
             t = time.perf_counter()
-            feature_gram(x, kernel=kernel)
-            (tc if kernel else tt).append(time.perf_counter() - t)
+            feature_gram(x, c if use_c else None)
+            (tc if use_c else tt).append(time.perf_counter() - t)
     ratios = sorted(a / b for a, b in zip(tc, tt))
     print(f"gram (32 x 75,648 float32 -> 32 x 32 float64), {rounds} rounds: C {statistics.median(tc) * 1e3:.2f} ms, "
           f"torch {statistics.median(tt) * 1e3:.2f} ms (medians); "
@@ -40,8 +43,8 @@ def bench_team(rounds: int) -> None:
     import timm
     import torch
 
-    from mimlab.probe import cpu_stats
     from mimlab.probe.api import ProbeConfig, ProbeModel, probe
+    from mimlab.probe.backends import cpu_kernel
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", num_classes=0).eval()
@@ -49,9 +52,9 @@ def bench_team(rounds: int) -> None:
         for blk in model.blocks:
             blk.attn.qkv.weight.mul_(4.0)
     x = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    lib = cpu_stats._lib()
+    lib = cpu_kernel._lib()
     if lib is None or not lib.has_openmp():
-        print(f"team: the C kernel is unavailable or built without OpenMP here ({cpu_stats.unavailable_reason()})")
+        print(f"team: the C kernel is unavailable or built without OpenMP here ({cpu_kernel.unavailable_reason()})")
         return
 
     class Pool:                               # the same library, as a build without OpenMP reports itself
@@ -65,11 +68,11 @@ def bench_team(rounds: int) -> None:
             model.forward_features(x)
 
     def run_probe(team: bool):
-        cpu_stats._LIB = lib if team else pool_lib
+        cpu_kernel._LIB = lib if team else pool_lib
         try:
-            probe([ProbeModel("m", model)], [x], batch_size=32, config=ProbeConfig(), num_images=32)
+            probe([ProbeModel("m", model)], [x], ProbeConfig(batch_size=32), num_images=32)
         finally:
-            cpu_stats._LIB = lib
+            cpu_kernel._LIB = lib
 
     methods = {"forward": forward, "team": lambda: run_probe(True), "pool": lambda: run_probe(False)}
     for fn in methods.values():

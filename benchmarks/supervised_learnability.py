@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def render(kind: str, *, classes: int, per_class: int, size: int, seed: int,
            offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Rendered uint8 images (N, S, S, 3) + labels, in ONE process (the shared machine has 2 cores), cached."""
-    from mimlab.pretrain.data import builtin_array
+    from mimlab.data.builtin import builtin_array
 
     t = time.perf_counter()
     images, labels, cache = builtin_array(kind, classes=classes, per_class=per_class, size=size, seed=seed,
@@ -127,7 +127,7 @@ def evaluate(model, images: np.ndarray, labels: np.ndarray, size: int, batch: in
     """Top-1 of ``model`` with mimlab's eval transform (resize + centre crop to the model size, /255, ImageNet norm)."""
     import torch
 
-    from mimlab.pretrain.data import build_eval_transform
+    from mimlab.data.images import build_eval_transform
 
     tf = build_eval_transform((size, size))
     correct = 0
