@@ -1,5 +1,6 @@
-"""The redesign changed no number: every golden case (tests/golden/make_golden.py, written from the commit before
-it) is recomputed through the CLI and compared with the stored values.
+"""No number changes unnoticed: every golden case (tests/golden/make_golden.py) is recomputed through the CLI and
+compared with the stored values. They were written from the commit before the redesign, which reproduced them;
+golden.json's "_written" says when and why they were regenerated since (a deliberate numerical fix, measured).
 
 Probe cases use the torch statistics path (the definition) and must agree to 1e-10 relative; the training curves
 and the transfer metric are deterministic on the CPU and must be bit-identical."""
@@ -20,7 +21,7 @@ GOLDEN = json.loads((GOLDEN_DIR / "golden.json").read_text())
 CASES = all_cases()
 
 
-@pytest.mark.parametrize("name", sorted(GOLDEN))
+@pytest.mark.parametrize("name", sorted(k for k in GOLDEN if not k.startswith("_")))
 def test_golden_case_is_reproduced(name, tmp_path):
     got = CASES[name](tmp_path)
     worst, where = max_rel_diff(got, GOLDEN[name])

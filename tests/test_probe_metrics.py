@@ -234,3 +234,30 @@ def test_small_prefix_mass_keeps_relative_precision():
     v = _values(logits, lay)
     want = math.exp(-12) / (math.exp(-12) + 4)
     assert v["prefix_mass"][0, 0].item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("top_first", [False, True], ids=["top-anywhere", "top-on-first-patch-key"])
+@pytest.mark.parametrize("P", [0, 1, 2, 5])
+def test_torch_float32_path_is_exact_on_trained_like_rows(top_first, P):
+    """The definition in float32 on rows as a trained network's (top probability 0.5-0.99, logit spreads up to
+    200): every per-image statistic within 1e-5 relative of float64, also when a row's maximum is its first patch
+    key (the row normaliser's baseline used to be that key: 1 for such rows, so its float32 sum of K terms ~ -1
+    cancelled and entropy and NMI were off by ~3e-4)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from attention_cases import grid_dist, trained_like_logits
+
+    g = 16
+    K = g * g
+    s = trained_like_logits(2, 6, K, P, K, top_first=top_first, seed=10 + P)
+    D = grid_dist(g)
+    u = float(D.mean())
+    want = finalize_image_stats(chunk_sums_tensors(s, D, P, 1e-8, True, True), K, u)
+    got = finalize_image_stats(chunk_sums_tensors(s.float(), D.float(), P, 1e-8, True, True), K, u)
+    for name in METRICS:
+        if name == "prefix_mass" and P == 0:
+            continue
+        err = float(((got[name] - want[name]).abs() / want[name].abs().clamp_min(1e-30)).max())
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"

@@ -166,6 +166,43 @@ def test_bool_mask_half_precision_and_no_js(kernel, dtype):
     assert float(got[6][:, :, 3 - P].abs().max()) == 0.0        # the masked key column gets no attention
 
 
+def _trained_like_case(name: str, P: int, top_first: bool) -> None:
+    """The logits of trained-like attention (tests/attention_cases.py) handed to the kernel as its additive bias
+    (q = k = 0), 48 patch keys in blocks of 16: a row's minimum and maximum fall in different blocks, so the online
+    update of both is exercised. (The interpreter sums with numpy's pairwise sums, which hide the float32
+    cancellation the old baseline suffered on the GPU; the torch and C tests show it, with 256 keys.)"""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from attention_cases import trained_like_logits
+
+    K = 48
+    N = P + K
+    bias = trained_like_logits(1, 2, K, P, K, top_first=top_first, seed=20 + P).float()
+    bias = torch.cat([torch.zeros(1, 2, P, N), bias], 2)
+    zeros = torch.zeros(1, 2, N, 16)
+    c = torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="ij"), -1).reshape(K, 2) * 16
+    case(name, zeros, zeros, bias, 1.0, P, torch.cdist(c, c).double(), block_q=16, block_k=16)
+
+
+TRAINED_LIKE = {"peaked": (1, False), "peaked_top_first": (1, True), "peaked_top_first_no_prefix": (0, True)}
+for _name, (_P, _tf) in TRAINED_LIKE.items():
+    _trained_like_case(_name, _P, _tf)
+
+
+@pytest.mark.parametrize("name", list(TRAINED_LIKE))
+def test_trained_like_peaked_rows_match_float64_to_1e5(kernel, name):
+    """Every per-image statistic of peaked rows (top probability 0.5-0.99, spreads up to 200; with the maximum on
+    the first patch key too, where a baseline of that key's exponential, 1, used to cancel) within 1e-5 of float64."""
+    (q, k, bias, scale, P, dist), _ = CASES[name]
+    K = q.shape[2] - P
+    mine = finalize_image_stats(ChunkSums(*kernel[name]), K, 50.0)
+    true = finalize_image_stats(ChunkSums(*reference(q, k, bias, scale, P, dist, dtype=torch.float64)), K, 50.0)
+    for m in mine:
+        if m == "prefix_mass" and P == 0:
+            continue
+        err = float(((mine[m] - true[m]).abs() / true[m].abs().clamp_min(1e-30)).max())
+        assert err <= 1e-5, f"{m}: relative error {err:.2e}"
+
+
 _q, _k, _, _dist = make(1, 1, 5, 1, 16, mult=1.0)
 case("one_head", _q, _k, None, 0.25, 1, _dist, block_q=4, block_k=4)
 _qn = _q.clone()

@@ -78,12 +78,13 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor |
 def _row_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row maximum m (x's dtype) and log sum_j exp(x_j - m) in float64, kept apart for precision.
 
-    The sum is taken as K c + sum_j (e_j - c) with c = e_0 (any element): the residuals are small for nearly
-    uniform rows, so the float32 sum keeps ~1e-9 relative precision where it matters, without a float64 copy.
+    The sum is taken as K c + sum_j (e_j - c) with c = min_j e_j: the residuals are small for nearly uniform rows,
+    so the float32 sum keeps ~1e-9 relative precision where it matters, without a float64 copy; and they are never
+    negative, so a peaked row (sum ~ 1 << K) does not lose its digits to cancellation, as it would with c = 1.
     """
     m = x.amax(-1, keepdim=True)
     e = torch.exp(x - m)
-    c = e[..., :1]
+    c = e.amin(-1, keepdim=True)
     total = x.shape[-1] * c.to(torch.float64) + (e - c).sum(-1, keepdim=True).to(torch.float64)
     return m, total.log()
 

@@ -6,10 +6,11 @@ patch-query rows P..N-1 (the same `ChunkSums`: shapes, dtypes and meaning), but 
 memory. One program takes a block of BQ patch queries of one image for ALL heads (the cross-head terms need every
 head at the same (query, key)) and walks over the keys twice, recomputing q.k (flash-style):
 
-pass 1, per head and query: the row maximum m over patch keys and R = sum_j (exp(s_j - m) - c), c = exp(s_P - m),
-    online over key blocks (R rescaled by exp(m_old - m_new) when m grows); then in float64
-    log sum_j exp(s_j - m) = log(K c + R) (the reference's shift trick: R is small for near-uniform rows, so the row
-    normaliser keeps ~1e-9 relative precision). The same over all N keys, with the prefix keys' exponentials summed
+pass 1, per head and query: the row maximum m over patch keys and R = sum_j (exp(s_j - m) - c) with
+    c = exp(min_j s_j - m), online over key blocks (R rescaled when m grows and topped up when the minimum falls);
+    then in float64 log sum_j exp(s_j - m) = log(K c + R) (the reference's shift trick: R is small for near-uniform
+    rows, so the row normaliser keeps ~1e-9 relative precision, and its terms are never negative, so it does not
+    cancel for peaked rows). The same over all N keys, with the prefix keys' exponentials summed
     directly in pass 2, gives the prefix mass
     m_i = -expm1(lse_patch - lse_all).
 pass 2, per key block: lpk = log(K p) = (s - m) - (lse_rel - log K), p = exp(lpk) / K, and the sums
@@ -125,14 +126,19 @@ if triton is not None:
         return tl.where(s < -10000.0, -10000.0, s)   # keeps NaN (flagged), maps -inf to -1e4
 
     @triton.jit
-    def _online_update(s, ok, s0, m, r, LIB: tl.constexpr):
-        """Add the keys `ok` of block s to (m, r): m = running max, r = sum_j (exp(s_j - m) - exp(s0 - m))."""
+    def _online_update(s, ok, m, mn, r, n, LIB: tl.constexpr):
+        """Add the keys `ok` of block s to (m, mn, r, n): running max m, running min mn, n keys seen and
+        r = sum_j (exp(s_j - m) - exp(mn - m)) >= 0. Every term added is non-negative (the baseline is the row's
+        smallest exponential, not an arbitrary key's), so r never cancels: K c + r is exact for peaked rows too."""
         bm = tl.max(tl.where(ok, s, float("-inf")), 2)
+        bmn = tl.min(tl.where(ok, s, float("inf")), 2)
         m_new = tl.maximum(m, bm)
-        c = _exp(s0 - m_new, LIB)
-        e = tl.where(ok, _exp(s - m_new[:, :, None], LIB) - c[:, :, None], 0.0)
-        r = r * _exp(m - m_new, LIB) + tl.sum(e, 2)
-        return m_new, r
+        mn_new = tl.minimum(mn, bmn)
+        c_new = _exp(mn_new - m_new, LIB)
+        c_old = _exp(tl.where(n > 0, mn, mn_new) - m_new, LIB)       # the old baseline at the new maximum
+        e = tl.where(ok, _exp(s - m_new[:, :, None], LIB) - c_new[:, :, None], 0.0)
+        r = tl.where(n > 0, r * _exp(m - m_new, LIB) + n * (c_old - c_new), 0.0) + tl.sum(e, 2)
+        return m_new, mn_new, r, n + tl.sum(tl.where(ok, 1.0, 0.0), 2)
 
     @triton.jit
     def _stats_kernel(q_ptr, k_ptr, bias_ptr, dist_ptr, rows_ptr, cross_ptr, js_ptr, col_ptr,
@@ -156,32 +162,34 @@ if triton is not None:
         cols = tl.arange(0, BK)
         s = _logits(q, k_ptr, bias_ptr, b, hh, rows, 0, skb, skh, skn, skd, sbb, sbh, sbn, sbm, scale, H, N, D,
                     HAS_BIAS, BK, BD, PREC)
-        s0 = tl.sum(tl.where(cols[None, None, :] == P, s, 0.0), 2)          # logit of the first patch key
         m = tl.full((H_PAD, BQ), float("-inf"), tl.float32)
+        mn = tl.full((H_PAD, BQ), float("inf"), tl.float32)
         r = tl.zeros((H_PAD, BQ), tl.float32)
+        n = tl.zeros((H_PAD, BQ), tl.float32)
         pv = (cols >= P) & (cols < N)
-        m, r = _online_update(s, pv[None, None, :], s0, m, r, LIB)
+        m, mn, r, n = _online_update(s, pv[None, None, :], m, mn, r, n, LIB)
         bad = tl.sum(tl.where(((s != s) | (s == float("inf"))) & (cols[None, None, :] < N), 1.0, 0.0), 2)
         if HAS_PREFIX:
-            s0a = tl.sum(tl.where(cols[None, None, :] == 0, s, 0.0), 2)
             ma = tl.full((H_PAD, BQ), float("-inf"), tl.float32)
+            mna = tl.full((H_PAD, BQ), float("inf"), tl.float32)
             ra = tl.zeros((H_PAD, BQ), tl.float32)
-            ma, ra = _online_update(s, (cols < N)[None, None, :], s0a, ma, ra, LIB)
+            na = tl.zeros((H_PAD, BQ), tl.float32)
+            ma, mna, ra, na = _online_update(s, (cols < N)[None, None, :], ma, mna, ra, na, LIB)
         for kb in range(BK, N, BK):
             cols = kb + tl.arange(0, BK)
             s = _logits(q, k_ptr, bias_ptr, b, hh, rows, kb, skb, skh, skn, skd, sbb, sbh, sbn, sbm, scale, H, N,
                         D, HAS_BIAS, BK, BD, PREC)
             ok = (cols < N)[None, None, :]
-            m, r = _online_update(s, ok, s0, m, r, LIB)
+            m, mn, r, n = _online_update(s, ok, m, mn, r, n, LIB)
             bad += tl.sum(tl.where(((s != s) | (s == float("inf"))) & ok, 1.0, 0.0), 2)
             if HAS_PREFIX:
-                ma, ra = _online_update(s, ok, s0a, ma, ra, LIB)
-        # float64: log sum_j exp(s_j - m) = log(K c + R), c = exp(s_P - m)
+                ma, mna, ra, na = _online_update(s, ok, ma, mna, ra, na, LIB)
+        # float64: log sum_j exp(s_j - m) = log(K c + R), c = exp(min_j s_j - m)
         # (log K is never a float32 scalar here: rel - log K = log(c + R / K) directly)
-        c = _exp(s0 - m, LIB).to(tl.float64)
+        c = _exp(mn - m, LIB).to(tl.float64)
         off = _log(c + r.to(tl.float64) / K, LIB).to(tl.float32)
         if HAS_PREFIX:
-            ca = _exp(s0a - ma, LIB).to(tl.float64)
+            ca = _exp(mna - ma, LIB).to(tl.float64)
             s_all = N * ca + ra.to(tl.float64)                                 # sum_j exp(s_j - ma), all keys
 
         # ---- pass 2: statistics ----
