@@ -57,6 +57,26 @@ def test_miniature_study_report_schema_and_caching(tmp_path, capsys):
     # --force reruns that stage and its dependants
     fourth = _run(cfg, out, capsys, "--force", "probe")
     assert [line.split()[-1] for line in fourth if line.startswith("[run ]")] == ["probe"]
+    before = json.loads((out / "summary.json").read_text())
+
+    # a moved study folder keeps every finished stage, and a stage rerun there reads its inputs from the new place
+    moved = tmp_path / "elsewhere" / "study"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    fifth = _run(cfg, moved, capsys)
+    assert fifth and all(line.startswith("[skip]") for line in fifth), fifth
+    after = json.loads((moved / "summary.json").read_text())
+    assert after["claims"] == before["claims"] and after["downstream"] == before["downstream"]
+    sixth = _run(cfg, moved, capsys, "--force", "transfer/supervised/classify/s0")
+    assert [line.split()[-1] for line in sixth if line.startswith("[run ]")] == ["transfer/supervised/classify/s0"]
+    stage = json.loads((moved / "stages" / "transfer" / "supervised" / "classify" / "s0" / "stage.json").read_text())
+    assert str(tmp_path) not in json.dumps(stage), "a stage record names the study folder's absolute path"
+    # and so does a copy
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    seventh = _run(cfg, copy, capsys)
+    assert seventh and all(line.startswith("[skip]") for line in seventh)
+    out = copy
 
     # the report opens in headless Chromium without console errors
     chromium = shutil.which("chromium")

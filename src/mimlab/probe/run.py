@@ -9,11 +9,11 @@ from typing import Any, Sequence
 
 import torch
 
+from mimlab.data.spec import is_builtin, parse_data_spec
 from mimlab.errors import ConfigError, MimlabError
 from mimlab.models.factory import ModelSpec, create_model, parse_model_kwargs, parse_model_spec
 from mimlab.probe.api import ProbeConfig, ProbeModel, ProbeResult, probe_pass
 
-BUILTIN_PREFIX = "builtin"
 HF_PREFIX = "hf:"
 
 
@@ -113,18 +113,17 @@ def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel]):
     n = cfg.images
     path = cfg.data
     transforms, cfgs = zip(*(_transform_for(pm.model) for pm in models))
-    if path == BUILTIN_PREFIX or path.startswith(BUILTIN_PREFIX + ":"):
-        from mimlab.data.synthetic import DEFAULT_KIND, KINDS, SyntheticImages
+    if is_builtin(path):
+        from mimlab.data.synthetic import SyntheticImages
 
-        kind = path.split(":", 1)[1] if ":" in path else DEFAULT_KIND
-        if kind not in KINDS:
-            raise ConfigError("data", f"builtin:{kind}: unknown kind; choose from {', '.join(KINDS)}")
+        spec = parse_data_spec(path, defaults={})     # builtin[:KIND][?classes=..&seed=..]; unset keys below
+        kind = spec.params["kind"]
         count = n or 256
-        classes = min(count, 16)
-        size = max(max(c["input_size"][1:]) for c in cfgs)
+        classes = spec.params.get("classes", min(count, 16))
+        size = spec.params.get("size", max(max(c["input_size"][1:]) for c in cfgs))
         # held-out images: indices far from any training set made with the defaults
-        ds = SyntheticImages(kind, classes=classes, per_class=-(-count // classes), size=size, seed=cfg.seed,
-                             offset=1_000_000)
+        ds = SyntheticImages(kind, classes=classes, per_class=-(-count // classes), size=size,
+                             seed=spec.params.get("seed", cfg.seed), offset=1_000_000)
         dataset = MultiTransformImages(range(count), transforms, load=partial(_synthetic_image, ds))
         desc = {"kind": "builtin", "generator": kind, "classes": classes, "size": size, "offset": 1_000_000}
     elif path.endswith(".npy"):
@@ -165,10 +164,11 @@ def run_probe(cfg: ProbeConfig) -> tuple[ProbeResult, dict[str, Any]]:
     (`mimlab.report.write_probe_report`, as `mimlab probe` and `mimlab reproduce` do)."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", f"{cfg.device}: CUDA is not available on this machine")
-    is_builtin = cfg.data == BUILTIN_PREFIX or cfg.data.startswith(BUILTIN_PREFIX + ":")
     if not cfg.data:
         raise ConfigError("data", "is required: an image folder, a .npy array or builtin[:KIND]")
-    if not is_builtin and not Path(cfg.data).exists():   # fail before building models
+    if is_builtin(cfg.data):
+        parse_data_spec(cfg.data, defaults={})          # its grammar, before building models
+    elif not Path(cfg.data).exists():                   # fail before building models
         raise ConfigError("data", f"{cfg.data}: no such file or directory")
     torch.manual_seed(cfg.seed)
     models = build_models(cfg)
