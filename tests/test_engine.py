@@ -245,7 +245,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_out_dir_guard_and_identity(tmp_path):
     out = tmp_path / "run"
     train(make_model(), mse, Regression(), cfg_for(out, steps=2, identity={"method": "a"}))
-    with pytest.raises(MimlabError, match="already holds a run's checkpoint.*--resume.*--overwrite"):
+    with pytest.raises(MimlabError, match="out_dir .* already holds a run's checkpoint.*resume=True.*overwrite=True"):
         train(make_model(), mse, Regression(), cfg_for(out, steps=2))
     with pytest.raises(MimlabError, match="different run.*method"):
         train(make_model(), mse, Regression(), cfg_for(out, steps=3, resume=True, identity={"method": "b"}))
@@ -260,7 +260,7 @@ def test_out_dir_guard_and_identity(tmp_path):
 
 
 def test_dataset_smaller_than_batch_and_bad_batch_split(tmp_path):
-    with pytest.raises(MimlabError, match="dataset has 48 samples, fewer than one batch.*64"):
+    with pytest.raises(MimlabError, match="batch_size 64: the dataset has 48 samples, fewer than one batch"):
         train(make_model(), mse, Regression(), cfg_for(tmp_path / "a", batch_size=64))
     with pytest.raises(MimlabError, match="divisible"):
         train(make_model(), mse, Regression(), cfg_for(tmp_path / "b", batch_size=8, accum_steps=3))

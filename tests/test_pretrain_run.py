@@ -184,7 +184,7 @@ def _image_folder(root: Path, n_per_class: int = 4, bad: bool = True) -> Path:
 
 def test_unreadable_images_fail_by_path_or_are_skipped_and_counted(tmp_path):
     data = _image_folder(tmp_path / "imgs")
-    with pytest.raises(MimlabError, match=r"broken\.jpg.*--bad-images skip"):
+    with pytest.raises(MimlabError, match=r"broken\.jpg.*bad_images='skip'"):
         pretrain(cfg(tmp_path / "fail", "supervised", data=str(data), steps=3, batch_size=9))
     res = pretrain(cfg(tmp_path / "skip", "supervised", data=str(data), steps=3, batch_size=9, bad_images="skip"))
     assert res.train.skipped_samples == 3                     # the one broken file, read once per step
@@ -193,7 +193,7 @@ def test_unreadable_images_fail_by_path_or_are_skipped_and_counted(tmp_path):
 
 def test_too_small_dataset_and_flat_folder_for_supervised(tmp_path):
     data = _image_folder(tmp_path / "imgs", bad=False)
-    with pytest.raises(MimlabError, match="dataset has 8 samples, fewer than one batch.*--batch-size 16"):
+    with pytest.raises(MimlabError, match="batch_size 16: the dataset has 8 samples, fewer than one batch"):
         pretrain(cfg(tmp_path / "a", data=str(data), steps=2, batch_size=16))
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -20,6 +20,9 @@ class ConfigError(MimlabError):
         self.param, self.detail = param, detail
         super().__init__(f"{param} {detail}" if param else detail)
 
+    def __reduce__(self):       # pickled (torch.distributed broadcast) with its parameter name, not the message only
+        return type(self), (self.param, self.detail)
+
 
 def clean_worker_message(e: BaseException) -> str:
     """The message of a MimlabError re-raised by a DataLoader from a worker process, without the worker's

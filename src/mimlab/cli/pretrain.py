@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 FLAGS = {"ema_decay": "--ema", "norm_pix_loss": "--no-norm-pix-loss", "tensorboard": "--no-tensorboard",
-         "progress": "--no-progress"}
+         "progress": "--no-progress", "out_dir": "--out"}
 
 
 def config_from_args(args: argparse.Namespace):

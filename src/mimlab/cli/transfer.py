@@ -9,7 +9,7 @@ import argparse
 from mimlab.transfer.tasks import TASK_NAMES, TASKS
 from mimlab.transfer.tasks.options import all_options
 
-FLAGS = {"backbone": "--backbone", "progress": "--no-progress"}
+FLAGS = {"backbone": "--backbone", "progress": "--no-progress", "out_dir": "--out"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError
 
 
 @dataclass
@@ -41,7 +41,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = f"cuda:{local_rank}"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MimlabError(f"--device {device}: CUDA is not available on this machine")
+        raise ConfigError("device", f"{device}: CUDA is not available on this machine")
     return dev
 
 

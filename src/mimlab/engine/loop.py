@@ -25,7 +25,7 @@ from mimlab.engine.sampler import SeededDataset, StepBatchSampler, mix_seed
 from mimlab.engine.schedule import SCHEDULES, lr_at
 from mimlab.engine.state import (capture_rng, checkpoint_path, guard_out_dir, identity_diff, load_checkpoint,
                                  restore_rng, save_checkpoint)
-from mimlab.errors import MimlabError, clean_worker_message
+from mimlab.errors import ConfigError, MimlabError, clean_worker_message
 
 LossFn = Callable[[nn.Module, Any], Any]
 SKIPPED_KEY = "_skipped"  # optional per-sample count in dict batches: unreadable inputs replaced by the dataset
@@ -37,21 +37,22 @@ class NonFiniteLossError(MimlabError):
 
 def validate_config(cfg: TrainConfig) -> None:
     if cfg.steps < 1:
-        raise MimlabError(f"--steps must be >= 1, got {cfg.steps}")
+        raise ConfigError("steps", f"must be >= 1, got {cfg.steps}")
     if cfg.batch_size < 1:
-        raise MimlabError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+        raise ConfigError("batch_size", f"must be >= 1, got {cfg.batch_size}")
     if cfg.accum_steps < 1:
-        raise MimlabError(f"--accum-steps must be >= 1, got {cfg.accum_steps}")
+        raise ConfigError("accum_steps", f"must be >= 1, got {cfg.accum_steps}")
     if cfg.precision not in PRECISIONS:
-        raise MimlabError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{cfg.precision}'")
+        raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got '{cfg.precision}'")
     if cfg.schedule not in SCHEDULES:
         raise MimlabError(f"lr schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise MimlabError(f"learning rate must be a positive number, got {cfg.lr}")
-    if cfg.warmup_steps < 0 or cfg.save_every < 0 or cfg.log_every < 1:
-        raise MimlabError("warmup steps and --save-every must be >= 0 and log_every >= 1")
+    for name, low in (("warmup_steps", 0), ("save_every", 0), ("log_every", 1)):
+        if getattr(cfg, name) < low:
+            raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)}")
     if cfg.clip_grad is not None and cfg.clip_grad <= 0:
-        raise MimlabError(f"--clip-grad must be > 0 (or None to disable), got {cfg.clip_grad}")
+        raise ConfigError("clip_grad", f"must be > 0 (or None to disable), got {cfg.clip_grad}")
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -198,11 +199,11 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
     # --- data geometry checks (identical on every rank) -------------------------------------------------------
     n = len(dataset)
     if n < cfg.batch_size:
-        raise MimlabError(f"the dataset has {n} samples, fewer than one batch (--batch-size {cfg.batch_size}); "
-                          "use a smaller batch or more data")
+        raise ConfigError("batch_size", f"{cfg.batch_size}: the dataset has {n} samples, fewer than one batch; "
+                                        "use a smaller batch or more data")
     if cfg.batch_size % (info.world_size * cfg.accum_steps):
-        raise MimlabError(f"--batch-size {cfg.batch_size} (global) must be divisible by the number of processes "
-                          f"({info.world_size}) x --accum-steps ({cfg.accum_steps})")
+        raise ConfigError("batch_size", f"{cfg.batch_size} (global) must be divisible by the number of processes "
+                                        f"({info.world_size}) x accum_steps ({cfg.accum_steps})")
 
     # --- output directory: rank 0 decides, everyone follows ----------------------------------------------------
     decision: Any = None
@@ -212,6 +213,8 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
         except MimlabError as e:
             decision = e
     decision = broadcast_object(decision, info)
+    if isinstance(decision, ConfigError):
+        raise ConfigError(decision.param, decision.detail)
     if isinstance(decision, MimlabError):
         raise MimlabError(str(decision))
     resume_path: Path | None = decision
@@ -243,8 +246,8 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
         state = load_checkpoint(resume_path)
         diff = identity_diff(state.get("identity", {}), identity)
         if diff:
-            raise MimlabError(f"--resume: {resume_path} belongs to a different run ({'; '.join(diff)}); "
-                              "use another --out or --overwrite")
+            raise ConfigError("resume", f"is set, but {resume_path} belongs to a different run ({'; '.join(diff)}); "
+                                        "use another out_dir (--out) or overwrite=True (--overwrite)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -264,7 +267,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
         if info.is_main:
             print(f"resuming from {resume_path} at step {start_step}/{cfg.steps}", file=sys.stderr)
     elif cfg.resume and info.is_main:
-        print(f"--resume: no checkpoint in {out}, starting from step 0", file=sys.stderr)
+        print(f"resume=True (--resume): no checkpoint in {out}, starting from step 0", file=sys.stderr)
 
     ckpt_path = checkpoint_path(out)
     last_saved = start_step if resume_path is not None else None
@@ -374,7 +377,8 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
                         if last_saved is not None else "no checkpoint had been written yet")
                 raise NonFiniteLossError(
                     f"{what} became {row['loss'] if what == 'loss' else row['grad_norm']} at step {row['step']}: "
-                    f"training stopped; {kept}. Try a lower --lr, --precision bf16/fp32 or gradient clipping")
+                    f"training stopped; {kept}. Try a lower lr (--lr), precision='bf16' or 'fp32' (--precision) or "
+                    "gradient clipping")
             row["epoch"] = round(row["step"] / bpe, 4)
             row["img_per_s"] = round(ips, 2)
             row["time_s"] = round(now - t_start, 3)

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.utils.io import atomic_path, remove_stale_temps
 
 STATE_FORMAT = "mimlab-train-state/2"  # /2: plain data only (loads with torch.load(weights_only=True))
@@ -108,12 +108,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         legacy = ("; checkpoints written by mimlab before format 2 stored numpy objects and cannot be resumed "
                   "safely" if m and m.group(1) and m.group(1).startswith("numpy") else "")
         raise MimlabError(f"refusing to load {path}: it is not a plain-data mimlab training checkpoint ({what}; "
-                          f"mimlab never runs code from a checkpoint{legacy}). Delete it or pass --overwrite to "
-                          "start the run again") from None
+                          f"mimlab never runs code from a checkpoint{legacy}). Delete it or pass overwrite=True "
+                          "(--overwrite) to start the run again") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing problem
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MimlabError(f"cannot read checkpoint {path}: {first} (truncated or corrupt? delete it or pass "
-                          "--overwrite)") from None
+                          "overwrite=True (--overwrite))") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         raise MimlabError(f"{path} is not a mimlab training checkpoint of format {STATE_FORMAT}"
@@ -149,11 +149,11 @@ def guard_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool, owned: 
     are removed first; callers hold the directory's run lock (`mimlab.utils.lock`) where runs may overlap.
     """
     if resume and overwrite:
-        raise MimlabError("--resume and --overwrite contradict each other: pick one")
+        raise ConfigError("resume", "and overwrite contradict each other: pick one")
     out = Path(out_dir)
     ckpt = checkpoint_path(out)
     if out.exists() and not out.is_dir():
-        raise MimlabError(f"--out {out} exists and is not a directory")
+        raise ConfigError("out_dir", f"{out} exists and is not a directory")
     # temporary files of writes that a killed run left (the run lock says no live writer owns them)
     remove_stale_temps(ckpt.parent)
     remove_stale_temps(out, tuple(owned))
@@ -168,11 +168,12 @@ def guard_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool, owned: 
     if ckpt.exists():
         if resume:
             return ckpt
-        raise MimlabError(f"--out {out} already holds a run's checkpoint ({ckpt}); pass --resume to continue it "
-                          "or --overwrite to replace it")
+        raise ConfigError("out_dir", f"{out} already holds a run's checkpoint ({ckpt}); pass resume=True (--resume) "
+                                     "to continue it or overwrite=True (--overwrite) to replace it")
     if not resume:
         leftovers = [name for name in owned if (out / name).exists()]
         if leftovers:
-            raise MimlabError(f"--out {out} already holds outputs of another run ({', '.join(leftovers)}); "
-                              "pass --overwrite to replace them or choose another directory")
+            raise ConfigError("out_dir", f"{out} already holds outputs of another run ({', '.join(leftovers)}); "
+                                         "pass overwrite=True (--overwrite) to replace them or choose another "
+                                         "directory")
     return None

@@ -458,8 +458,8 @@ def _hints(missing: list[str], unexpected: list[str], model_keys: set[str]) -> l
 
     out = []
     if has(unexpected, "head.") and not has(model_keys, "head."):
-        out.append("the checkpoint has a classifier the model lacks: drop_keys=['head.*'] (CLI: keep it with "
-                   "--model-kwargs num_classes=N)")
+        out.append("the checkpoint has a classifier the model lacks: drop_keys=['head.*'], or keep it with "
+                   "num_classes=N (--model-kwargs num_classes=N)")
     if has(missing, "head.") and not has(unexpected, "head."):
         out.append("the model has a classifier the checkpoint lacks: build it with num_classes=0 or pass "
                    "allow_missing=['head.*'] to keep a fresh head")

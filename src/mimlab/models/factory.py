@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 
 
 def parse_model_kwargs(text: str | None) -> dict[str, Any]:
@@ -34,10 +34,10 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any]:
         if not part:
             continue
         if "=" not in part:
-            raise MimlabError(f"--model-kwargs: '{part}' is not of the form key=value")
+            raise ConfigError("model_kwargs", f"'{part}' is not of the form key=value")
         key, value = (s.strip() for s in part.split("=", 1))
         if not key.isidentifier():
-            raise MimlabError(f"--model-kwargs: '{key}' is not a valid keyword name")
+            raise ConfigError("model_kwargs", f"'{key}' is not a valid keyword name")
         out[key] = _parse_value(value)
     return out
 
@@ -114,9 +114,9 @@ def create_model(arch: str, model_kwargs: dict[str, Any] | None = None, *, check
     try:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     except TypeError as e:
-        raise MimlabError(f"cannot build '{arch}' with --model-kwargs {kwargs}: {e}") from None
+        raise MimlabError(f"cannot build '{arch}' with model_kwargs={kwargs} (--model-kwargs): {e}") from None
     except (AssertionError, ValueError, RuntimeError) as e:
-        raise MimlabError(f"cannot build '{arch}' with --model-kwargs {kwargs}: {e}") from None
+        raise MimlabError(f"cannot build '{arch}' with model_kwargs={kwargs} (--model-kwargs): {e}") from None
     report = None
     if checkpoint is not None:
         from mimlab.models.checkpoints import load_checkpoint

@@ -403,7 +403,8 @@ def _pretrain(cfg: PretrainConfig, callbacks: Sequence["Callback"]) -> PretrainR
         if result.skipped_samples:
             _say(f"skipped {result.skipped_samples} unreadable image reads (see the warnings above)")
         if model_path:
-            _say(f"wrote {model_path} (use it as {cfg.model}@{model_path} with the same --model-kwargs)")
+            _say(f"wrote {model_path} (use it as {cfg.model}@{model_path} with the same model_kwargs "
+                 "(--model-kwargs))")
     return PretrainResult(out=out, model_path=model_path, step=result.step, final_loss=result.final_loss,
                           img_per_s=result.img_per_s, losses=result.losses, run=run, train=result)
 

@@ -119,7 +119,8 @@ class PretrainDataset(SeededDataset):
                 return self.source.load(i), int(self.source.labels[i]), tries
             except MimlabError as e:
                 if self.bad_images == "fail":
-                    raise MimlabError(f"{e} (pass --bad-images skip to skip unreadable files)") from None
+                    raise MimlabError(f"{e} (pass bad_images='skip' (--bad-images skip) to skip unreadable "
+                                      "files)") from None
                 if i not in self._warned:
                     self._warned.add(i)
                     print(f"warning: skipping unreadable image: {e}", file=sys.stderr)

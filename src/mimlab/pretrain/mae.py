@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.pretrain.masking import MAE_MASK_RATIO, gather_tokens, mae_keep_count, mae_mask, shuffle_ids
 
 
@@ -81,7 +81,7 @@ class MAE(nn.Module):
         decoder_depth = decoder_depth or d["decoder_depth"]
         decoder_heads = decoder_heads or d["decoder_heads"]
         if decoder_dim % decoder_heads:
-            raise MimlabError(f"--decoder-dim {decoder_dim} must be divisible by --decoder-heads {decoder_heads}")
+            raise ConfigError("decoder_dim", f"{decoder_dim} must be divisible by decoder_heads ({decoder_heads})")
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss

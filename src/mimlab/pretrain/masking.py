@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 
 SIMMIM_MASK_PATCH = 32      # official mask cell (px) at 192 and 224 px
 SIMMIM_REF_CELLS = 7        # official cells per side at 224 px (224 / 32)
@@ -61,11 +61,11 @@ class MaskGeometry:
         h, w = self.img_size
         m, p = self.mask_patch_size, self.patch_size
         if m % p:
-            raise MimlabError(f"--mask-patch-size {m} must be a multiple of the model's patch size {p}")
+            raise ConfigError("mask_patch_size", f"{m} must be a multiple of the model's patch size {p}")
         if h % m or w % m:
-            raise MimlabError(f"--mask-patch-size {m} must divide the image size {h}x{w}")
+            raise ConfigError("mask_patch_size", f"{m} must divide the image size {h}x{w}")
         if not 0 < self.mask_ratio < 1:
-            raise MimlabError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+            raise ConfigError("mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
 
     @property
     def cells(self) -> tuple[int, int]:
@@ -167,7 +167,7 @@ def expected_avg_dist(geom: MaskGeometry, samples: int = 64, seed: int = 0) -> f
 def mae_keep_count(num_tokens: int, ratio: float) -> int:
     """Visible tokens kept by MAE: ``int(L * (1 - ratio))`` (official), at least 1."""
     if not 0 <= ratio < 1:
-        raise MimlabError(f"--mask-ratio must be in [0, 1), got {ratio}")
+        raise ConfigError("mask_ratio", f"must be in [0, 1), got {ratio}")
     return max(1, int(num_tokens * (1 - ratio)))
 
 

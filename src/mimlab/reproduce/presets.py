@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 
 SMALL_VIT = "img_size=32,patch_size=4,depth=6,embed_dim=128,num_heads=4"
 
@@ -118,7 +118,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 
 def build_config(preset: str = "quick", overrides: dict[str, Any] | None = None) -> StudyConfig:
     if preset not in PRESETS:
-        raise MimlabError(f"--preset must be one of {', '.join(PRESETS)}, not '{preset}'")
+        raise ConfigError("preset", f"must be one of {', '.join(PRESETS)}, not '{preset}'")
     cfg = StudyConfig(preset=preset)
     fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
     for source in (PRESETS[preset], overrides or {}):
@@ -136,7 +136,7 @@ def load_config_file(path: str | Path) -> StudyConfig:
     """A YAML (.yaml/.yml) or TOML (.toml) file: optional `preset` key plus overrides of StudyConfig fields."""
     path = Path(path)
     if not path.is_file():
-        raise MimlabError(f"--config {path}: no such file")
+        raise ConfigError("config", f"{path}: no such file")
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
@@ -148,12 +148,12 @@ def load_config_file(path: str | Path) -> StudyConfig:
 
             data = tomllib.loads(text)
         else:
-            raise MimlabError(f"--config {path}: use a .yaml, .yml or .toml file")
+            raise ConfigError("config", f"{path}: use a .yaml, .yml or .toml file")
     except MimlabError:
         raise
     except Exception as e:  # yaml.YAMLError / tomllib.TOMLDecodeError
-        raise MimlabError(f"--config {path}: cannot parse: {e}") from None
+        raise ConfigError("config", f"{path}: cannot parse: {e}") from None
     if not isinstance(data, dict):
-        raise MimlabError(f"--config {path}: expected a mapping at the top level")
+        raise ConfigError("config", f"{path}: expected a mapping at the top level")
     preset = data.pop("preset", "quick")
     return build_config(preset, data)

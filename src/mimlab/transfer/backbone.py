@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mimlab.data.images import IMAGENET_MEAN, IMAGENET_STD
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 
 
 def block_slots(model: nn.Module) -> list[tuple[nn.Module, int]]:
@@ -45,14 +45,14 @@ def drop_last_blocks(model: nn.Module, k: int) -> None:
         return
     slots = block_slots(model)
     if k >= len(slots):
-        raise MimlabError(f"--drop-last-blocks {k}: the model has only {len(slots)} blocks (at least one must stay)")
+        raise ConfigError("drop_last_blocks", f"{k}: the model has only {len(slots)} blocks (at least one must stay)")
     if isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
         model.blocks = model.blocks[: len(model.blocks) - k]
         return
     last = model.layers[-1]
     if k >= len(last.blocks):
-        raise MimlabError(f"--drop-last-blocks {k}: for hierarchical models only blocks of the last stage can be "
-                          f"dropped (it has {len(last.blocks)}; at least one must stay)")
+        raise ConfigError("drop_last_blocks", f"{k}: for hierarchical models only blocks of the last stage can be "
+                                              f"dropped (it has {len(last.blocks)}; at least one must stay)")
     last.blocks = last.blocks[: len(last.blocks) - k]
 
 
@@ -62,7 +62,7 @@ def reinit_last_blocks(model: nn.Module, k: int, fresh: nn.Module) -> None:
         return
     slots, fresh_slots = block_slots(model), block_slots(fresh)
     if k > len(slots):
-        raise MimlabError(f"--reinit-last-blocks {k}: the model has only {len(slots)} blocks")
+        raise ConfigError("reinit_last_blocks", f"{k}: the model has only {len(slots)} blocks")
     for (cont, i), (fcont, fi) in zip(slots[-k:], fresh_slots[len(fresh_slots) - len(slots):][-k:]):
         cont[i].load_state_dict(fcont[fi].state_dict(), strict=True)
 
@@ -139,11 +139,12 @@ class Backbone(nn.Module):
         out = self.model.forward_features(x)
         if out.ndim == 4:
             if pool != "mean":
-                raise MimlabError(f"--pool {pool}: {self.info.arch} has no CLS token; use --pool mean")
+                raise ConfigError("pool", f"{pool}: {self.info.arch} has no CLS token; use pool='mean' (--pool mean)")
             return out.mean(dim=(1, 2))
         if pool == "cls":
             if self.info.num_prefix_tokens == 0:
-                raise MimlabError(f"--pool cls: {self.info.arch} has no prefix (CLS) token; use --pool mean")
+                raise ConfigError("pool", f"cls: {self.info.arch} has no prefix (CLS) token; use pool='mean' "
+                                          "(--pool mean)")
             return out[:, 0]
         return out[:, self.info.num_prefix_tokens:].mean(1)
 
@@ -151,8 +152,9 @@ class Backbone(nn.Module):
     def check_one_stream(self) -> None:
         m = self.model
         if self.is_hierarchical or getattr(m, "pos_embed", None) is None or not hasattr(m, "patch_embed"):
-            raise MimlabError(f"--task track: {self.info.arch} has no absolute position embedding (relative position "
-                              "bias or a hierarchical model); the one-stream tracker needs a ViT/DeiT-style backbone")
+            raise ConfigError("task", f"track: {self.info.arch} has no absolute position embedding (relative position "
+                                      "bias or a hierarchical model); the one-stream tracker needs a ViT/DeiT-style "
+                                      "backbone")
 
     def _embed_region(self, img: torch.Tensor) -> torch.Tensor:
         from timm.layers import resample_abs_pos_embed
@@ -198,12 +200,13 @@ def build_backbone(spec_text: str, model_kwargs: dict[str, Any] | None = None, *
     architecture's `pretrained_cfg`, e.g. 0.5/0.5 for the JAX-trained ViTs)."""
     from mimlab.models.factory import create_model, parse_model_spec
 
-    if drop_last < 0 or reinit_last < 0:
-        raise MimlabError("--drop-last-blocks and --reinit-last-blocks must be >= 0")
+    for name, value in (("drop_last_blocks", drop_last), ("reinit_last_blocks", reinit_last)):
+        if value < 0:
+            raise ConfigError(name, f"must be >= 0, got {value}")
     if normalize not in ("imagenet", "timm"):
-        raise MimlabError(f"--normalize must be 'imagenet' or 'timm', got '{normalize}'")
+        raise ConfigError("normalize", f"must be 'imagenet' or 'timm', got '{normalize}'")
     if drop_last and reinit_last:
-        raise MimlabError("--drop-last-blocks and --reinit-last-blocks are separate ablations: use one of them")
+        raise ConfigError("drop_last_blocks", "and reinit_last_blocks are separate ablations: use one of them")
     spec = parse_model_spec(spec_text, model_kwargs)
     torch.manual_seed(seed)
     model, report = create_model(spec.arch, spec.kwargs, checkpoint=None, num_classes=0)
@@ -215,7 +218,7 @@ def build_backbone(spec_text: str, model_kwargs: dict[str, Any] | None = None, *
     n_blocks = len(block_slots(model))
     if reinit_last:
         if reinit_last > n_blocks:
-            raise MimlabError(f"--reinit-last-blocks {reinit_last}: {spec.arch} has only {n_blocks} blocks")
+            raise ConfigError("reinit_last_blocks", f"{reinit_last}: {spec.arch} has only {n_blocks} blocks")
         torch.manual_seed(seed + 1)
         fresh, _ = create_model(spec.arch, spec.kwargs, checkpoint=None, num_classes=0)
         reinit_last_blocks(model, reinit_last, fresh)

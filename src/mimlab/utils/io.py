@@ -68,8 +68,8 @@ def disk_full_error(path: str | os.PathLike, *, atomic: bool = True) -> DiskFull
     kept = (f"the previous {path.name} (if any) is unchanged and no partial file was left behind" if atomic else
             "a partly written last line is dropped when the run resumes")
     return DiskFullError(f"disk full: no space left on device while writing {path}; {kept}. Free some space and "
-                         "run the same command again (training continues from its last checkpoint with --resume)",
-                         path)
+                         "run the same command again (training continues from its last checkpoint with resume=True "
+                         "(--resume))", path)
 
 
 def _test_stall(path: Path, tmp: Path) -> None:

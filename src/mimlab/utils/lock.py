@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 
 LOCK_NAME = ".mimlab.lock"
 
@@ -50,7 +50,7 @@ def run_lock(directory: str | os.PathLike, *, verb: str = "mimlab") -> Iterator[
     """
     d = Path(directory)
     if d.exists() and not d.is_dir():
-        raise MimlabError(f"--out {d} exists and is not a directory")
+        raise ConfigError("out", f"{d} exists and is not a directory")
     try:
         d.mkdir(parents=True, exist_ok=True)
         fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
@@ -47,10 +47,11 @@ def prepare_out(out: str | Path, overwrite: bool, owned: tuple[str, ...]) -> Pat
     outputs (`owned`, names relative to `out`) so no stale file of an earlier dataset survives."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise MimlabError(f"--out {out}: exists and is not a directory")
+        raise ConfigError("out", f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise MimlabError(f"--out {out}: directory is not empty (pass --overwrite to replace the dataset)")
+            raise ConfigError("out", f"{out}: directory is not empty (pass overwrite=True (--overwrite) to replace the "
+                                     "dataset)")
         for name in (*owned, "dataset.json"):
             p = out / name
             if p.is_dir() and not p.is_symlink():

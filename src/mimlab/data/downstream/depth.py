@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError
 from mimlab.data.downstream.common import check_positive, prepare_out, rng_for, smooth_noise, to_uint8
 
 MAX_DEPTH_M = 10.0
@@ -87,8 +87,9 @@ def generate_depth(out: str | Path, *, train_images: int = 800, val_images: int 
                    height: int = 48, seed: int = 0, overwrite: bool = False) -> dict:
     """Write the layered-scene depth dataset in the NYUv2 layout; returns its parameters."""
     check_positive(train_images=train_images, val_images=val_images, width=width, height=height)
-    if min(width, height) < 16:
-        raise MimlabError(f"--width/--height must be >= 16 px (got {width}x{height})")
+    for name, value in (("width", width), ("height", height)):
+        if value < 16:
+            raise ConfigError(name, f"must be >= 16 px (got {width}x{height})")
     out = prepare_out(out, overwrite, ("train", "val", "train.txt", "val.txt"))
     for split_id, (split, n) in enumerate((("train", train_images), ("val", val_images))):
         (out / split).mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError
 from mimlab.data.downstream.common import (check_positive, prepare_out, rgb255, rng_for, textured_background,
                                               to_uint8)
 
@@ -30,7 +30,7 @@ SUPERSAMPLE = 4
 def class_names(num_classes: int) -> list[str]:
     combos = [f"{spot}_spots-{tail}_tail" for tail, spot in product(TAILS, SPOT_COLOURS)]
     if not 2 <= num_classes <= len(combos):
-        raise MimlabError(f"--num-classes must be between 2 and {len(combos)} (got {num_classes})")
+        raise ConfigError("num_classes", f"must be between 2 and {len(combos)} (got {num_classes})")
     return combos[:num_classes]
 
 
@@ -82,7 +82,7 @@ def generate_finegrained(out: str | Path, *, num_classes: int = 6, train_per_cla
     """Write the fine-grained ImageFolder dataset; returns the parameters written to `dataset.json`."""
     check_positive(train_per_class=train_per_class, val_per_class=val_per_class, size=size)
     if size < 16:
-        raise MimlabError(f"--size must be >= 16 px for the details to be drawable (got {size})")
+        raise ConfigError("size", f"must be >= 16 px for the details to be drawable (got {size})")
     names = class_names(num_classes)
     out = prepare_out(out, overwrite, ("train", "val"))
     for split_id, (split, n) in enumerate((("train", train_per_class), ("val", val_per_class))):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError
 from mimlab.data.downstream.common import (check_positive, prepare_out, rgb255, rng_for, textured_background,
                                               to_uint8)
 
@@ -119,7 +119,7 @@ def generate_keypoints(out: str | Path, *, train_images: int = 600, val_images: 
     """Write the stick-figure keypoint dataset in the COCO layout; returns its parameters."""
     check_positive(train_images=train_images, val_images=val_images, size=size, max_figures=max_figures)
     if size < 32:
-        raise MimlabError(f"--size must be >= 32 px for figures to be drawable (got {size})")
+        raise ConfigError("size", f"must be >= 32 px for figures to be drawable (got {size})")
     out = prepare_out(out, overwrite, ("train", "val", "annotations"))
     category = {"id": 1, "name": "figure", "supercategory": "figure", "keypoints": KEYPOINT_NAMES,
                 "skeleton": SKELETON}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError
 from mimlab.data.downstream.common import check_positive, prepare_out, rgb255, rng_for, textured_background, \
     to_uint8
 
@@ -114,9 +114,9 @@ def generate_tracking(out: str | Path, *, train_sequences: int = 80, val_sequenc
     """Write the moving-target sequences in the GOT-10k layout; returns their parameters."""
     check_positive(train_sequences=train_sequences, val_sequences=val_sequences, length=length, size=size)
     if length < 2:
-        raise MimlabError(f"--length must be >= 2 frames (got {length})")
+        raise ConfigError("length", f"must be >= 2 frames (got {length})")
     if size < 32:
-        raise MimlabError(f"--size must be >= 32 px (got {size})")
+        raise ConfigError("size", f"must be >= 32 px (got {size})")
     out = prepare_out(out, overwrite, ("train", "val"))
     for split_id, (split, n) in enumerate((("train", train_sequences), ("val", val_sequences))):
         names = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 
 # COCO's per-keypoint OKS sigmas (Ronchi & Perona 2017; cocoapi), by keypoint name.
 COCO_SIGMAS = {"nose": 0.026, "left_eye": 0.025, "right_eye": 0.025, "left_ear": 0.035, "right_ear": 0.035,
@@ -171,14 +171,14 @@ def find_coco_splits(data: str | Path) -> dict[str, tuple[Path, Path]]:
     data = Path(data)
     ann_dir = data / "annotations"
     if not ann_dir.is_dir():
-        raise MimlabError(f"--data {data}: expected {ann_dir}/person_keypoints_<split>.json (COCO layout)")
+        raise ConfigError("data", f"{data}: expected {ann_dir}/person_keypoints_<split>.json (COCO layout)")
     out: dict[str, tuple[Path, Path]] = {}
     for split, prefixes in (("train", ("train",)), ("val", ("val", "test"))):
         cands = sorted(p for pre in prefixes for p in ann_dir.glob(f"person_keypoints_{pre}*.json"))
         if not cands:
-            raise MimlabError(f"--data {data}: no {ann_dir}/person_keypoints_{prefixes[0]}*.json")
+            raise ConfigError("data", f"{data}: no {ann_dir}/person_keypoints_{prefixes[0]}*.json")
         if len(cands) > 1:
-            raise MimlabError(f"--data {data}: several {split} annotation files ({', '.join(p.name for p in cands)})")
+            raise ConfigError("data", f"{data}: several {split} annotation files ({', '.join(p.name for p in cands)})")
         stem = cands[0].stem[len("person_keypoints_"):]
         out[split] = (cands[0], data / stem)
     return out
@@ -201,9 +201,9 @@ def parse_flip_pairs(text: str, k: int) -> list[tuple[int, int]]:
         try:
             a, b = (int(v) for v in part.split(":"))
         except ValueError:
-            raise MimlabError(f"--flip-pairs: '{part}' is not of the form I:J") from None
+            raise ConfigError("flip_pairs", f"'{part}' is not of the form I:J") from None
         if not (0 <= a < k and 0 <= b < k) or a == b:
-            raise MimlabError(f"--flip-pairs: '{part}' must name two different keypoints in 0..{k - 1}")
+            raise ConfigError("flip_pairs", f"'{part}' must name two different keypoints in 0..{k - 1}")
         pairs.append((a, b))
     return pairs
 
@@ -214,8 +214,8 @@ def keypoint_sigmas(names: list[str], override: list[float] | None = None) -> np
         if len(override) == 1:
             override = override * len(names)
         if len(override) != len(names):
-            raise MimlabError(f"--kpt-sigmas: got {len(override)} values for {len(names)} keypoints")
+            raise ConfigError("kpt_sigmas", f"got {len(override)} values for {len(names)} keypoints")
         if any(s <= 0 for s in override):
-            raise MimlabError("--kpt-sigmas: sigmas must be > 0")
+            raise ConfigError("kpt_sigmas", "must be > 0")
         return np.asarray(override, dtype=np.float64)
     return np.array([COCO_SIGMAS.get(n, DEFAULT_SIGMA) for n in names], dtype=np.float64)

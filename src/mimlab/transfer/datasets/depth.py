@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.transfer.datasets.common import read_text
 
 FORMATS = {"nyu": {"scale": 1000.0, "max_depth": 10.0, "min_depth": 1e-3},
@@ -71,26 +71,27 @@ def find_depth_splits(data: str | Path, train_split: str | None = None,
     `DATA/train.txt` and `DATA/val.txt` (or `DATA/test.txt`)."""
     data = Path(data)
     if not data.is_dir():
-        raise MimlabError(f"--data {data}: not a directory")
+        raise ConfigError("data", f"{data}: not a directory")
 
-    def pick(given: str | None, names: tuple[str, ...], flag: str) -> Path:
+    def pick(given: str | None, names: tuple[str, ...], param: str, flag: str) -> Path:
         if given:
             p = Path(given) if Path(given).is_absolute() else data / given
             if not p.is_file():
-                raise MimlabError(f"{flag} {given}: file not found ({p})")
+                raise ConfigError(param, f"{given}: file not found ({p})")
             return p
         for n in names:
             if (data / n).is_file():
                 return data / n
-        raise MimlabError(f"--data {data}: no split file {' or '.join(names)} (or pass {flag})")
+        raise ConfigError("data", f"{data}: no split file {' or '.join(names)} (or pass {param} ({flag}))")
 
-    return pick(train_split, ("train.txt",), "--train-split"), pick(val_split, ("val.txt", "test.txt"), "--val-split")
+    return (pick(train_split, ("train.txt",), "train_split", "--train-split"),
+            pick(val_split, ("val.txt", "test.txt"), "val_split", "--val-split"))
 
 
 def crop_mask(shape: tuple[int, int], crop: str) -> np.ndarray:
     """Boolean (H, W) mask of the evaluation crop."""
     if crop not in CROPS:
-        raise MimlabError(f"--eval-crop '{crop}': choose from {', '.join(CROPS)}")
+        raise ConfigError("eval_crop", f"'{crop}': choose from {', '.join(CROPS)}")
     h, w = shape
     t, b, left, r = CROPS[crop]
     m = np.zeros((h, w), dtype=bool)

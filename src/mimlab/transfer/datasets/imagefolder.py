@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.data.images import IMAGE_EXTENSIONS, image_files
 
 
@@ -44,9 +44,9 @@ def find_imagefolder(data: str | Path) -> tuple[ImageFolderSplit, ImageFolderSpl
     """`DATA/train` and `DATA/val` (or `DATA/test`) with the same class folders."""
     data = Path(data)
     if not data.is_dir():
-        raise MimlabError(f"--data {data}: not a directory")
+        raise ConfigError("data", f"{data}: not a directory")
     val_dir = next((data / n for n in ("val", "validation", "test") if (data / n).is_dir()), None)
     if not (data / "train").is_dir() or val_dir is None:
-        raise MimlabError(f"--data {data}: expected ImageFolder splits {data}/train/<class>/ and {data}/val/<class>/")
+        raise ConfigError("data", f"{data}: expected ImageFolder splits {data}/train/<class>/ and {data}/val/<class>/")
     train = scan_split(data / "train")
     return train, scan_split(val_dir, classes=train.classes)

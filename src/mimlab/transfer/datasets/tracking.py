@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mimlab.data.images import image_files
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.transfer.datasets.common import read_text
 
 
@@ -127,11 +127,11 @@ def find_tracking_splits(data: str | Path) -> tuple[list[Sequence], list[Sequenc
     """Training and evaluation sequences from a GOT-10k or LaSOT tree (see the module docstring)."""
     data = Path(data)
     if not data.is_dir():
-        raise MimlabError(f"--data {data}: not a directory")
+        raise ConfigError("data", f"{data}: not a directory")
     if (data / "train").is_dir():
         val = next((data / n for n in ("val", "test") if (data / n).is_dir()), None)
         if val is None:
-            raise MimlabError(f"--data {data}: has train/ but no val/ or test/ folder")
+            raise ConfigError("data", f"{data}: has train/ but no val/ or test/ folder")
         return load_sequences(data / "train"), check_eval_sequences(load_sequences(val))
     if (data / "testing_set.txt").is_file():
         test_names = {s.strip() for s in read_text(data / "testing_set.txt", "sequence list").splitlines()
@@ -146,8 +146,8 @@ def find_tracking_splits(data: str | Path) -> tuple[list[Sequence], list[Sequenc
             train = [load_sequence(d) for d in all_dirs if d.name in train_names]
         test = check_eval_sequences(_named(all_dirs, test_names, data / "testing_set.txt"))
         if not train or not test:
-            raise MimlabError(f"--data {data}: testing_set.txt leaves {len(train)} training and {len(test)} "
-                              "test sequences; need at least one of each")
+            raise ConfigError("data", f"{data}: testing_set.txt leaves {len(train)} training and {len(test)} "
+                                      "test sequences; need at least one of each")
         return train, test
-    raise MimlabError(f"--data {data}: expected GOT-10k style train/ and val/ folders, or a LaSOT tree with "
-                      "testing_set.txt")
+    raise ConfigError("data", f"{data}: expected GOT-10k style train/ and val/ folders, or a LaSOT tree with "
+                              "testing_set.txt")

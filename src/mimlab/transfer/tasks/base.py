@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError
 from mimlab.transfer.backbone import Backbone
 
 @dataclass
@@ -57,7 +57,7 @@ def param_groups(model: TransferModel, weight_decay: float, layer_decay: float |
     from mimlab.engine import param_groups_weight_decay
 
     if layer_decay is not None and not 0 < layer_decay <= 1:
-        raise MimlabError(f"--layer-decay must be in (0, 1], got {layer_decay}")
+        raise ConfigError("layer_decay", f"must be in (0, 1], got {layer_decay}")
     if model.frozen or layer_decay is None or layer_decay == 1.0:
         return param_groups_weight_decay(model, weight_decay)
     from timm.optim import param_groups_layer_decay

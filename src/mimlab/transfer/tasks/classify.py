@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mimlab.engine import SeededDataset
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError
 from mimlab.transfer.backbone import Backbone
 from mimlab.transfer.datasets.common import load_rgb
 from mimlab.transfer.datasets.imagefolder import ImageFolderSplit, find_imagefolder
@@ -64,13 +64,13 @@ class ClassifyDataset(SeededDataset):
 
 def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_batch_size: int) -> TaskRun:
     if opts["pool"] not in ("mean", "cls"):
-        raise MimlabError(f"--pool must be 'mean' or 'cls', got '{opts['pool']}'")
+        raise ConfigError("pool", f"must be 'mean' or 'cls', got '{opts['pool']}'")
     if not 0 < opts["crop_scale"] <= 1:
-        raise MimlabError(f"--crop-scale must be in (0, 1], got {opts['crop_scale']}")
+        raise ConfigError("crop_scale", f"must be in (0, 1], got {opts['crop_scale']}")
     train_split, val_split = find_imagefolder(data)
     n_cls = len(train_split.classes)
     if n_cls < 2:
-        raise MimlabError(f"--data {data}: need at least 2 classes, found {n_cls}")
+        raise ConfigError("data", f"{data}: need at least 2 classes, found {n_cls}")
     size = (backbone.info.img_size[1], backbone.info.img_size[0])
     mean, std = backbone.info.mean, backbone.info.std
     train_set = ClassifyDataset(train_split, size, mean, std, True, opts["crop_scale"], bool(opts["hflip"]))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mimlab.engine import SeededDataset
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.transfer.backbone import Backbone
 from mimlab.transfer.datasets.common import load_depth_png, load_rgb
 from mimlab.transfer.datasets.depth import FORMATS, DepthSample, crop_mask, find_depth_splits, read_split_file
@@ -60,14 +60,14 @@ class DepthDataset(SeededDataset):
 def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_batch_size: int) -> TaskRun:
     fmt = opts["depth_format"]
     if fmt not in FORMATS:
-        raise MimlabError(f"--depth-format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+        raise ConfigError("depth_format", f"must be one of {', '.join(FORMATS)}, got '{fmt}'")
     scale = opts["depth_scale"] or FORMATS[fmt]["scale"]
     max_depth = opts["max_depth"] or FORMATS[fmt]["max_depth"]
     min_depth = opts["min_depth"]
     crop = opts["eval_crop"] or ("nyu_eigen" if fmt == "nyu" else "garg")
     crop_mask((4, 4), crop)  # validates the name
     if not 0 <= min_depth < max_depth:
-        raise MimlabError(f"--min-depth {min_depth} / --max-depth {max_depth}: need 0 <= min < max")
+        raise ConfigError("min_depth", f"{min_depth} / max_depth {max_depth}: need 0 <= min < max")
     train_file, val_file = find_depth_splits(data, opts["train_split"] or None, opts["val_split"] or None)
     train_s, val_s = read_split_file(train_file, data), read_split_file(val_file, data)
     ih, iw = backbone.info.img_size

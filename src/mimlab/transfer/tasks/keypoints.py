@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mimlab.engine import SeededDataset
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.transfer.backbone import Backbone
 from mimlab.transfer.datasets.coco_keypoints import (Instance, KeypointSet, find_coco_splits, flip_pairs,
                                                      keypoint_sigmas, load_coco_keypoints, parse_flip_pairs)
@@ -122,7 +122,7 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
     if train_set_k.names != val_set_k.names:
         raise MimlabError(f"{splits['val'][0]}: keypoint names differ from {splits['train'][0]}")
     if not train_set_k.instances or not val_set_k.instances:
-        raise MimlabError(f"--data {data}: no annotated (non-crowd, labelled) instances in train or val")
+        raise ConfigError("data", f"{data}: no annotated (non-crowd, labelled) instances in train or val")
     names = train_set_k.names
     k = len(names)
     pairs = parse_flip_pairs(opts["flip_pairs"], k) if opts["flip_pairs"] else flip_pairs(names)
@@ -134,10 +134,13 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
         try:
             sigmas_override = [float(v) for v in opts["kpt_sigmas"].split(",")]
         except ValueError:
-            raise MimlabError(f"--kpt-sigmas '{opts['kpt_sigmas']}': expected comma-separated numbers") from None
+            raise ConfigError("kpt_sigmas", f"'{opts['kpt_sigmas']}': expected comma-separated numbers") from None
     sigmas = keypoint_sigmas(names, sigmas_override)
-    if opts["num_deconv"] < 0 or opts["heatmap_sigma"] <= 0 or opts["box_scale"] <= 0:
-        raise MimlabError("--num-deconv must be >= 0, --heatmap-sigma and --box-scale > 0")
+    if opts["num_deconv"] < 0:
+        raise ConfigError("num_deconv", f"must be >= 0, got {opts['num_deconv']}")
+    for name in ("heatmap_sigma", "box_scale"):
+        if opts[name] <= 0:
+            raise ConfigError(name, f"must be > 0, got {opts[name]}")
     ih, iw = backbone.info.img_size
     up = 2 ** opts["num_deconv"]
     hm_size = (iw // backbone.stride * up, ih // backbone.stride * up)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mimlab.engine import SeededDataset
-from mimlab.errors import MimlabError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.transfer.backbone import Backbone
 from mimlab.transfer.datasets.common import load_rgb
 from mimlab.transfer.datasets.tracking import Sequence, find_tracking_splits
@@ -159,12 +159,12 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
     s_size = opts["search_size"] or backbone.info.img_size[0]
     t_size = opts["template_size"] or s_size // 2
     stride = backbone.stride
-    if s_size % stride or t_size % stride:
-        raise MimlabError(f"--search-size {s_size} and --template-size {t_size} must be multiples of the patch "
-                          f"size {stride}")
+    for name, size in (("search_size", s_size), ("template_size", t_size)):
+        if size % stride:
+            raise ConfigError(name, f"{size} must be a multiple of the patch size {stride}")
     for name in ("template_factor", "search_factor", "pairs_per_sequence"):
         if opts[name] <= 0:
-            raise MimlabError(f"--{name.replace('_', '-')} must be > 0")
+            raise ConfigError(name, "must be > 0")
     grid = s_size // stride
     mean, std = backbone.info.mean, backbone.info.std
     train_ds = PairDataset(train_seqs, opts, t_size, s_size, grid, mean, std)
