@@ -244,8 +244,10 @@ def test_pos_embed_resize(tmp_path):
     path = tmp_path / "w.pth"
     save_state_dict(src, path)
     dst = vit(img_size=48)
-    report = load_checkpoint(dst, path)
-    assert any("4x4 to a 6x6" in n for n in report.notes)
+    with pytest.raises(MimlabError, match="pos_embed checkpoint .1, 17, 32. vs model .1, 37, 32.*--img-size"):
+        load_checkpoint(dst, path)                               # resampling is never silent
+    report = load_checkpoint(dst, path, resize_pos_embed=True)
+    assert any("4x4 to a 6x6" in n for n in report.notes) and report.resized == ["pos_embed 4x4 -> 6x6"]
     pe = dst.pos_embed.detach()
     assert pe.shape == (1, 37, 32)
     assert torch.equal(pe[:, 0], src.pos_embed[:, 0].detach())
@@ -326,7 +328,14 @@ def test_detect_format():
     assert detect_format({"cls_token": t, "decoder_embed.weight": t, "mask_token": t}) == "mae"
     assert detect_format({"module.base_encoder.cls_token": t, "module.predictor.0.weight": t}) == "mocov3"
     assert detect_format({"encoder.blocks.0.gamma_1": t, "decoder.0.weight": t}) == "simmim"
-    assert set(FORMATS) == {"auto", "timm", "deit", "mae", "mocov3", "simmim"}
+    assert detect_format({"cls_token": t, "mask_token": t, "blocks.0.ls1.gamma": t}) == "dinov2"
+    assert detect_format({"register_tokens": t, "cls_token": t}) == "dinov2"
+    assert detect_format({"storage_tokens": t, "cls_token": t}) == "dinov3"
+    assert detect_format({"visual.class_embedding": t, "token_embedding.weight": t}) == "openai-clip"
+    assert detect_format({"class_embedding": t, "transformer.resblocks.0.ln_1.weight": t}) == "openai-clip"
+    assert detect_format({"visual.trunk.pos_embed": t}) == "open-clip"
+    assert set(FORMATS) == {"auto", "timm", "deit", "mae", "mocov3", "simmim", "dinov2", "dinov3", "openai-clip",
+                            "open-clip"}
 
 
 def test_convert_state_dict_reports_origin():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mimlab.models.checkpoints import FORMATS as CHECKPOINT_FORMATS
+
 EPILOG = """examples:
   mimlab probe vit_small_patch16_224 --data builtin --images 64 --out runs/probe
   mimlab probe sim=beit_base_patch16_224@simmim_pretrain.pth sup=deit_base_patch16_224@deit_base.pth \\
@@ -14,6 +16,19 @@ Face save_pretrained directory); without a checkpoint the model is randomly init
 # ProbeConfig fields whose flag is not --field-name
 FLAGS = {"kernel": "--stats-kernel", "renormalize": "--no-renormalize", "js": "--no-js", "cka": "--no-cka",
          "models": "MODEL", "progress": "--quiet", "report": "--no-report"}
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got '{text}'") from None
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive sizes, got '{text}'")
+    return size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,10 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random init and the bootstrap (default 0)")
     p.add_argument("--model-kwargs", action="append", default=[], metavar="K=V,...",
                    help="keyword arguments for timm.create_model; once for all models or once per model, in order")
-    p.add_argument("--checkpoint-format", default="auto",
-                   choices=["auto", "timm", "deit", "mae", "mocov3", "simmim"])
+    p.add_argument("--checkpoint-format", default="auto", choices=list(CHECKPOINT_FORMATS),
+                   help="the checkpoint's key layout (default: detected from its key names; docs/checkpoints.md)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for the forward")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    p.add_argument("--img-size", type=_size, default=None, metavar="N|HxW",
+                   help="build the timm models for this input size (default: each model's own); a checkpoint's "
+                        "position embedding of another grid is then resampled as timm does (recorded)")
+    p.add_argument("--resize-pos-embed", action="store_true",
+                   help="resample a checkpoint's position embedding of another grid to the model's (default: refuse)")
     g = p.add_argument_group("metric conventions")
     g.add_argument("--no-renormalize", action="store_true",
                    help="attention distance from raw attention to patches (not renormalised after dropping prefix)")
@@ -63,6 +83,7 @@ def config_from_args(args: argparse.Namespace):
     return ProbeConfig(models=tuple(args.models), data=args.data, images=args.images, batch_size=args.batch_size,
                        out=args.out, device=args.device, seed=args.seed, model_kwargs=tuple(args.model_kwargs),
                        checkpoint_format=args.checkpoint_format, precision=args.precision, workers=args.workers,
+                       img_size=args.img_size, resize_pos_embed=args.resize_pos_embed,
                        report=not args.no_report, progress=not args.quiet, renormalize=not args.no_renormalize,
                        kl_eps=args.kl_eps, nmi_norm=args.nmi_norm, cka=not args.no_cka,
                        cka_features=args.cka_features, bootstrap=args.bootstrap, stats_dtype=args.stats_dtype,

@@ -23,10 +23,13 @@ from mimlab.errors import MimlabError
 if TYPE_CHECKING:  # torch is imported lazily so that `import mimlab.models.checkpoints` stays cheap
     import torch
 
-FORMATS = ("auto", "timm", "deit", "mae", "mocov3", "simmim")
+FORMATS = ("auto", "timm", "deit", "mae", "mocov3", "simmim", "dinov2", "dinov3", "openai-clip", "open-clip")
+# layouts converted by timm's own checkpoint filters (the model's module's `checkpoint_filter_fn`)
+TIMM_FILTERED = ("dinov2", "dinov3", "openai-clip", "open-clip")
 
 # Containers a training script wraps its state dict in, searched in this order.
-CONTAINER_KEYS = ("state_dict", "model", "module", "model_ema")
+# DINO / iBOT keep `teacher` (the one evaluated) and `student`; I-JEPA `target_encoder` (evaluated) and `encoder`
+CONTAINER_KEYS = ("state_dict", "model", "module", "model_ema", "teacher", "target_encoder", "student", "encoder")
 
 MAE_DECODER_PATTERNS = ("mask_token", "decoder_embed.*", "decoder_pos_embed", "decoder_blocks.*", "decoder_norm.*",
                         "decoder_pred.*")
@@ -46,6 +49,20 @@ class LoadReport:
     allowed_missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     num_loaded: int = 0
+    unused_dropped: list[str] = field(default_factory=list)    # checkpoint tensors the caller does not use
+    unused_at_init: list[str] = field(default_factory=list)    # model tensors the caller does not use, left at init
+    resized: list[str] = field(default_factory=list)           # tensors resampled to the model's grid
+
+    def unused_line(self) -> str | None:
+        """One line for the user about the parts of the checkpoint the caller does not use, or None."""
+        if not (self.unused_dropped or self.unused_at_init):
+            return None
+        parts = []
+        if self.unused_dropped:
+            parts.append(f"dropped {_preview(self.unused_dropped, 6)}")
+        if self.unused_at_init:
+            parts.append(f"left {_preview(self.unused_at_init, 6)} at initialisation")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +77,7 @@ class Conversion:
     dropped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     origin: dict[str, str] = field(default_factory=dict)
+    resized: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
@@ -197,10 +215,19 @@ def detect_format(sd: Mapping[str, Any]) -> str:
     keys = list(_strip_ddp(dict.fromkeys(sd))[0])
     if any(k.startswith("base_encoder.") for k in keys):
         return "mocov3"
+    if "visual.class_embedding" in keys or ("class_embedding" in keys and any(
+            k.startswith("transformer.resblocks.") for k in keys)):
+        return "openai-clip"
+    if any(k.startswith("visual.trunk.") for k in keys):
+        return "open-clip"
+    if "storage_tokens" in keys:
+        return "dinov3"
     if any(k.startswith(("encoder.blocks.", "encoder.layers.")) for k in keys):
         return "simmim"
     if any(k.startswith(("decoder_embed.", "decoder_blocks.", "decoder_pred.")) for k in keys):
         return "mae"
+    if "mask_token" in keys or "register_tokens" in keys:       # the raw DINOv2 release (hub) layout
+        return "dinov2"
     if any(k == "dist_token" or k.startswith("head_dist.") for k in keys):
         return "deit"
     return "timm"
@@ -248,6 +275,44 @@ class _Work:
 
     def note(self, text: str) -> None:
         self.conv.notes.append(text)
+
+
+def _raw_grid_tokens(sd: Mapping[str, "torch.Tensor"]) -> int | None:
+    """Patch rows of a foreign layout's position embedding (one class row before them), if it has one."""
+    for k in ("pos_embed", "positional_embedding", "visual.positional_embedding"):
+        if k in sd and sd[k].ndim in (2, 3):
+            return int(sd[k].shape[-2]) - 1
+    return None
+
+
+def _convert_with_timm(w: _Work, model: "torch.nn.Module", fmt: str, resize_pos_embed: bool, hint: str) -> None:
+    """A release layout that timm's own checkpoint filter converts (OpenAI / open_clip CLIP, raw DINOv2 with or
+    without registers, DINOv3): `checkpoint_filter_fn` of the model's timm module. It would also resample a
+    position embedding of another grid; that happens only when the caller allowed it."""
+    import importlib
+
+    module = importlib.import_module(type(model).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    if fn is None:
+        raise MimlabError(f"checkpoint{hint} is in the {fmt} layout, which timm converts for its own models only; "
+                          f"{type(model).__name__} ({type(model).__module__}) has no checkpoint filter")
+    grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", None) or ())
+    rows = _raw_grid_tokens(w.sd)
+    if rows is not None and len(grid) == 2 and rows != grid[0] * grid[1]:
+        if not resize_pos_embed:
+            side = math.isqrt(max(rows, 0))
+            raise MimlabError(
+                f"checkpoint{hint} ({fmt} layout) has a position embedding for a {side}x{side} grid, the model a "
+                f"{grid[0]}x{grid[1]} one: ask for the size to use (img_size=N, --img-size N) or "
+                "resize_pos_embed=True (--resize-pos-embed) to resample it as timm does")
+        w.conv.resized.append(f"pos_embed {math.isqrt(rows)}x{math.isqrt(rows)} -> {grid[0]}x{grid[1]}")
+    sd = dict(w.sd)
+    if fmt == "openai-clip" and "class_embedding" in sd:          # the visual tower saved on its own
+        sd = {f"visual.{k}": v for k, v in sd.items()}
+    converted = fn(sd, model)
+    w.sd = dict(converted)
+    w.origin = {k: k for k in w.sd}
+    w.note(f"converted the {fmt} layout with {module.__name__}.checkpoint_filter_fn")
 
 
 def _convert_mae(w: _Work) -> None:
@@ -392,13 +457,15 @@ def _resize_tables(w: _Work, model: "torch.nn.Module", model_sd: Mapping[str, "t
                f"timm.layers.resize_rel_pos_bias_table")
 
 
-def _resize_pos_embed(w: _Work, model: "torch.nn.Module", model_sd: Mapping[str, "torch.Tensor"]) -> None:
+def _resize_pos_embed(w: _Work, model: "torch.nn.Module", model_sd: Mapping[str, "torch.Tensor"],
+                      allowed: bool = True) -> None:
     """Absolute position embedding (1, prefix + gh*gw, D) to the model's grid with timm's resample_abs_pos_embed
-    (bicubic); the prefix (class/distillation) rows are kept as they are."""
+    (bicubic); the prefix (class/distillation, register) rows are kept as they are. Only when `allowed` (the caller
+    asked for the size); otherwise the shape mismatch is left for the strict check to refuse."""
     from timm.layers import resample_abs_pos_embed
 
     k = "pos_embed"
-    if k not in w.sd or k not in model_sd or w.sd[k].shape == model_sd[k].shape:
+    if k not in w.sd or k not in model_sd or w.sd[k].shape == model_sd[k].shape or not allowed:
         return
     v, target = w.sd[k], model_sd[k]
     grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", None) or ())
@@ -409,12 +476,14 @@ def _resize_pos_embed(w: _Work, model: "torch.nn.Module", model_sd: Mapping[str,
     if prefix < 0 or side * side != v.shape[1] - prefix:
         return  # the shape check reports it
     w.sd[k] = resample_abs_pos_embed(v, new_size=list(grid), old_size=[side, side], num_prefix_tokens=prefix)
+    w.conv.resized.append(f"pos_embed {side}x{side} -> {grid[0]}x{grid[1]}")
     w.note(f"resized pos_embed from a {side}x{side} to a {grid[0]}x{grid[1]} grid ({prefix} prefix tokens kept) "
            f"with timm.layers.resample_abs_pos_embed (bicubic)")
 
 
 def convert_state_dict(sd: Mapping[str, "torch.Tensor"], model: "torch.nn.Module", fmt: str = "auto",
-                       *, source: str | None = None) -> tuple[dict[str, "torch.Tensor"], Conversion]:
+                       *, source: str | None = None, resize_pos_embed: bool = True
+                       ) -> tuple[dict[str, "torch.Tensor"], Conversion]:
     """Convert a checkpoint state dict (file naming) to `model`'s timm key names.
 
     Drops what the format carries besides the encoder (MAE decoder, MoCo v3 momentum encoder/predictor/projection
@@ -433,18 +502,23 @@ def convert_state_dict(sd: Mapping[str, "torch.Tensor"], model: "torch.nn.Module
     if had_ddp:
         w.strip_prefix("module.")
         w.note("removed the DistributedDataParallel 'module.' prefix")
+    if any(k.startswith("backbone.") for k in w.sd) and all(k.startswith(("backbone.", "head.")) for k in w.sd):
+        w.strip_prefix("backbone.")           # DINO / iBOT: the backbone and its projection head ('head.*')
+        w.note("removed the 'backbone.' prefix (DINO / iBOT wrapper)")
     if chosen == "mae":
         _convert_mae(w)
     elif chosen == "mocov3":
         _convert_mocov3(w, hint)
     elif chosen == "simmim":
         _convert_simmim(w, hint)
+    elif chosen in TIMM_FILTERED:
+        _convert_with_timm(w, model, chosen, resize_pos_embed, hint)
     model_sd = model.state_dict()
     _rename_layer_scale(w, set(model_sd))
     _drop_index_buffers(w, model_sd)
     _map_shared_table(w, model, model_sd)
     _resize_tables(w, model, model_sd)
-    _resize_pos_embed(w, model, model_sd)
+    _resize_pos_embed(w, model, model_sd, resize_pos_embed)
     w.conv.origin = dict(w.origin)
     return w.sd, w.conv
 
@@ -504,6 +578,9 @@ def _check_fit(sd: Mapping[str, "torch.Tensor"], model_sd: Mapping[str, "torch.T
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches: {_preview(shapes)}")
     hints = _hints(missing, unexpected, set(model_sd))
+    if any(s.startswith("pos_embed ") for s in shapes):
+        hints.append("the checkpoint's position embedding is for another grid: ask for the size to use (img_size=N, "
+                     "--img-size N) or resize_pos_embed=True (--resize-pos-embed) to resample it as timm does")
     text = (f"checkpoint '{path}' (format {fmt}) does not fit {type(model).__name__}: " + "; ".join(parts)
             + (f"; hint: {' / '.join(hints)}" if hints else ""))
     raise MimlabError(text)
@@ -525,11 +602,17 @@ def _check_finite(sd: Mapping[str, "torch.Tensor"], params: set[str], origin: Ma
 
 
 def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: str = "auto",
-                    drop_keys: Iterable[str] = (), allow_missing: Iterable[str] = ()) -> LoadReport:
+                    drop_keys: Iterable[str] = (), allow_missing: Iterable[str] = (), unused: Iterable[str] = (),
+                    resize_pos_embed: bool = False) -> LoadReport:
     """Load a local checkpoint file into `model` strictly, converting its format to timm names.
 
     `drop_keys`: glob patterns on the converted (model) key names, removed from the checkpoint before loading.
     `allow_missing`: glob patterns on model key names that may stay at the model's initialisation.
+    `unused`: glob patterns of keys the caller does not use (the probe: what follows the last block, the classifier
+    above all): such checkpoint keys the model lacks (or holds in another shape) are dropped, such model keys the
+    checkpoint lacks stay at initialisation; both are listed in the report (`unused_line`).
+    `resize_pos_embed`: resample an absolute position embedding of another grid (timm's bicubic resampling) when
+    the caller asked for the model's size; otherwise another grid is a shape mismatch, refused like any other.
     Anything else missing, unexpected or of the wrong shape raises MimlabError and leaves `model` untouched.
     """
     from mimlab.utils.io import sha256_file
@@ -540,7 +623,7 @@ def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: s
         raise MimlabError(f"unknown checkpoint format '{fmt}': choose one of {', '.join(FORMATS)}")
     p = Path(path)
     raw, where = _read(p)
-    sd, conv = convert_state_dict(raw, model, fmt, source=str(p))
+    sd, conv = convert_state_dict(raw, model, fmt, source=str(p), resize_pos_embed=resize_pos_embed)
     notes = []
     if where != "checkpoint":
         notes.append(f"state dict read from {where}")
@@ -554,13 +637,21 @@ def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: s
         for k in hit:
             del sd[k]
             dropped.append(conv.origin.get(k, k))
-        unused = [pat for pat in drop_keys if not any(fnmatch.fnmatchcase(k, pat) for k in hit)]
-        notes.append(f"drop_keys removed {len(hit)} tensors" + (f" (no match: {', '.join(unused)})" if unused else ""))
+        nomatch = [pat for pat in drop_keys if not any(fnmatch.fnmatchcase(k, pat) for k in hit)]
+        notes.append(f"drop_keys removed {len(hit)} tensors" + (f" (no match: {', '.join(nomatch)})" if nomatch
+                                                                  else ""))
 
     model_sd = model.state_dict()
+    unused = (unused,) if isinstance(unused, str) else tuple(unused)
+    unused_dropped = [k for k in sd if _matches(k, unused) and (k not in model_sd or sd[k].shape != model_sd[k].shape)]
+    for k in unused_dropped:
+        del sd[k]
+    unused_dropped = [conv.origin.get(k, k) for k in unused_dropped]
+    dropped.extend(unused_dropped)
     missing_all = [k for k in model_sd if k not in sd]
-    allowed = [k for k in missing_all if _matches(k, allow_missing)]
-    missing = [k for k in missing_all if k not in set(allowed)]
+    unused_at_init = [k for k in missing_all if _matches(k, unused)]
+    allowed = [k for k in missing_all if _matches(k, allow_missing) and k not in set(unused_at_init)]
+    missing = [k for k in missing_all if k not in set(allowed) and k not in set(unused_at_init)]
     _check_fit(sd, model_sd, missing, conv.format, p, model)
     if allowed:
         notes.append(f"{len(allowed)} model tensors keep their initialisation (allow_missing)")
@@ -574,7 +665,8 @@ def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: s
     full.update(sd)
     model.load_state_dict(full, strict=True)
     return LoadReport(path=str(p), format=conv.format, sha256=sha256_file(p), dropped=dropped,
-                      allowed_missing=allowed, notes=notes, num_loaded=len(sd))
+                      allowed_missing=allowed, notes=notes, num_loaded=len(sd), unused_dropped=unused_dropped,
+                      unused_at_init=unused_at_init, resized=list(conv.resized))
 
 
 # ------------------------------------------------------------------------------------------------------------ saving

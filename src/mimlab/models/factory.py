@@ -93,11 +93,13 @@ def parse_model_spec(text: str, model_kwargs: dict[str, Any] | None = None) -> M
 
 def create_model(arch: str, model_kwargs: dict[str, Any] | None = None, *, checkpoint: str | None = None,
                  checkpoint_format: str = "auto", drop_keys: tuple[str, ...] = (), allow_missing: tuple[str, ...] = (),
-                 num_classes: int | None = 0, **extra: Any):
+                 unused: tuple[str, ...] = (), resize_pos_embed: bool = False, num_classes: int | None = 0,
+                 **extra: Any):
     """Create a timm model (no pretrained download, ever) and optionally load a local checkpoint strictly.
 
     Returns `(model, load_report_or_None)`. `num_classes=0` builds a headless backbone (the probe's default);
-    pass None to keep the architecture's own head.
+    pass None to keep the architecture's own head. `drop_keys`, `allow_missing`, `unused` and `resize_pos_embed`:
+    see `mimlab.models.checkpoints.load_checkpoint`.
     """
     import timm
 
@@ -122,7 +124,7 @@ def create_model(arch: str, model_kwargs: dict[str, Any] | None = None, *, check
         from mimlab.models.checkpoints import load_checkpoint
 
         report = load_checkpoint(model, checkpoint, fmt=checkpoint_format, drop_keys=drop_keys,
-                                 allow_missing=allow_missing)
+                                 allow_missing=allow_missing, unused=unused, resize_pos_embed=resize_pos_embed)
     return model, report
 
 

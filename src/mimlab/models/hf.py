@@ -1,8 +1,9 @@
 """Hugging Face transformers vision models: loading a local `save_pretrained` directory, token layouts, conversion.
 
 `ARCH` = `hf:PATH` on the command line: PATH is a `save_pretrained` directory (config.json + weights). Supported
-`model_type`s: vit, deit, beit, vit_mae, swin (base models; a checkpoint saved from a task model, e.g.
-ViTForImageClassification, loads its backbone and the head is reported as unused). Attention is forced to the
+`model_type`s: `SUPPORTED_TYPES` (base models; a checkpoint saved from a task model, e.g.
+ViTForImageClassification, loads its backbone and the head is reported as unused; a CLIP or SigLIP two-tower
+directory loads its vision tower). Attention is forced to the
 "eager" implementation (the logits go through one `F.softmax`, which the probe intercepts; its adapters for these
 models are in `mimlab.probe.families.hf`). Nothing is downloaded: `local_files_only=True`. transformers is an optional dependency
 (`pip install mimlab[hf]`) and is imported lazily.
@@ -22,10 +23,18 @@ from mimlab.errors import MimlabError
 from mimlab.models.layout import TokenLayout
 
 HF_PREFIX = "hf:"
-SUPPORTED_TYPES = ("vit", "deit", "beit", "vit_mae", "swin")
+# model_type in config.json -> the transformers class of its image encoder (for `clip` and `siglip`, the vision
+# tower of the two-tower model, loaded from the same directory)
 _MODEL_CLASSES = {"vit": "ViTModel", "deit": "DeiTModel", "beit": "BeitModel", "vit_mae": "ViTMAEModel",
-                  "swin": "SwinModel"}
-_PREFIX_TOKENS = {"vit": 1, "deit": 2, "beit": 1, "vit_mae": 1}
+                  "swin": "SwinModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+                  "siglip_vision_model": "SiglipVisionModel", "siglip": "SiglipVisionModel",
+                  "clip_vision_model": "CLIPVisionModel", "clip": "CLIPVisionModel",
+                  "data2vec-vision": "Data2VecVisionModel", "ijepa": "IJepaModel"}
+SUPPORTED_TYPES = tuple(_MODEL_CLASSES)
+_POOLING_LAYER = ("vit", "deit", "beit", "swin", "data2vec-vision", "ijepa")   # built without their pooler
+# prefix tokens before the patch grid (registers: config.num_register_tokens more)
+_PREFIX_TOKENS = {"vit": 1, "deit": 2, "beit": 1, "vit_mae": 1, "dinov2": 1, "dinov2_with_registers": 1,
+                  "siglip_vision_model": 0, "clip_vision_model": 1, "data2vec-vision": 1, "ijepa": 0}
 
 
 def _transformers():
@@ -75,8 +84,12 @@ def load_hf_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     tf = _transformers()
     cls = getattr(tf, _MODEL_CLASSES[cfg["model_type"]])
     kwargs: dict[str, Any] = {}
-    if cfg["model_type"] in ("vit", "deit", "beit", "swin"):
+    if cfg["model_type"] in _POOLING_LAYER:
         kwargs["add_pooling_layer"] = False
+    log = tf.utils.logging
+    verbosity, bars = log.get_verbosity(), log.is_progress_bar_enabled()
+    log.set_verbosity_error()               # its load table of unused keys: mimlab says it in one line instead
+    log.disable_progress_bar()
     try:
         model, loading = cls.from_pretrained(str(path), attn_implementation="eager", local_files_only=True,
                                              output_loading_info=True, **kwargs)
@@ -87,7 +100,11 @@ def load_hf_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                           "it") from None
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise MimlabError(f"hf:{path}: cannot load {cls.__name__}: {str(e).strip().splitlines()[0]}") from None
-    missing = sorted(k for k in loading.get("missing_keys", []) if not k.startswith("pooler."))
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
+    missing = sorted(k for k in loading.get("missing_keys", []) if not k.startswith(("pooler.", "head.")))
     if missing:
         shown = ", ".join(missing[:10]) + (f", ... (+{len(missing) - 10} more)" if len(missing) > 10 else "")
         raise MimlabError(f"hf:{path}: {len(missing)} weights of {cls.__name__} are not in the directory: {shown}")
@@ -119,28 +136,39 @@ def base_model(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
+def attention_of(layer: nn.Module) -> nn.Module:
+    """A transformer layer's attention module (`attention` in ViT-like models, `self_attn` in CLIP and SigLIP)."""
+    att = getattr(layer, "attention", None) or getattr(layer, "self_attn", None)
+    if att is None:
+        raise MimlabError(f"{type(layer).__name__}: no `attention` or `self_attn` module")
+    return att
+
+
 def layer_list(base: nn.Module) -> nn.ModuleList:
-    """The transformer layers of a ViT-like HF model (transformers 5: `layers`; 4.x: `encoder.layer`)."""
-    for path in ("layers", "encoder.layer", "encoder.layers"):
+    """The transformer layers of a ViT-like HF model (transformers 5: `layers`; 4.x: `encoder.layer`; CLIP and
+    SigLIP: `encoder.layers` under `vision_model`)."""
+    for path in ("layers", "encoder.layer", "encoder.layers", "vision_model.encoder.layers"):
         obj: Any = base
         for part in path.split("."):
             obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) and hasattr(obj[0], "attention"):
+        if isinstance(obj, nn.ModuleList) and len(obj) and (hasattr(obj[0], "attention")
+                                                            or hasattr(obj[0], "self_attn")):
             return obj
     raise MimlabError(f"{type(base).__name__}: cannot find its transformer layers (layers / encoder.layer)")
 
 
-def token_layout(model: nn.Module) -> TokenLayout:
-    """Prefix tokens + patch grid of a ViT-like HF model, from its config."""
+
+def token_layout(model: nn.Module, image_size: tuple[int, int] | None = None) -> TokenLayout:
+    """Prefix tokens + patch grid of a ViT-like HF model, from its config (at `image_size`, default the config's)."""
     cfg = model.config
     mt = cfg.model_type
     if mt not in _PREFIX_TOKENS:
         raise MimlabError(f"{type(model).__name__}: model_type {mt!r} has no ViT token layout")
-    img, patch = pair(cfg.image_size), pair(cfg.patch_size)
+    img, patch = pair(image_size if image_size is not None else cfg.image_size), pair(cfg.patch_size)
     if img[0] % patch[0] or img[1] % patch[1]:
         raise MimlabError(f"{type(model).__name__}: image_size {img} is not a multiple of patch_size {patch}")
-    return TokenLayout(num_prefix_tokens=_PREFIX_TOKENS[mt], grid=(img[0] // patch[0], img[1] // patch[1]),
-                       patch_size=patch)
+    prefix = _PREFIX_TOKENS[mt] + int(getattr(cfg, "num_register_tokens", 0) or 0)
+    return TokenLayout(num_prefix_tokens=prefix, grid=(img[0] // patch[0], img[1] // patch[1]), patch_size=patch)
 
 
 # ---------------------------------------------------------------------------------------- weights for timm parity

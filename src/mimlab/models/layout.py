@@ -72,9 +72,8 @@ def inspect_layout(model: nn.Module) -> TokenLayout:
     if pe is None or not hasattr(model, "num_prefix_tokens"):
         raise MimlabError(f"{name}: not a ViT-family model (needs `patch_embed` and `num_prefix_tokens`); "
                           "supported: timm VisionTransformer, DeiT (incl. distilled), BEiT, Eva-style models")
-    if getattr(model, "dynamic_img_size", False):
-        raise MimlabError(f"{name}: dynamic_img_size=True models are probed at a fixed size; "
-                          "build it with dynamic_img_size=False and the img_size you want")
+    # dynamic_img_size models (DINOv3, ...) accept any size; the probe feeds them exactly the size they were built
+    # for (img_size, e.g. from --img-size), whose grid patch_embed records
     grid = getattr(pe, "grid_size", None)
     patch = getattr(pe, "patch_size", None)
     if grid is None or patch is None:

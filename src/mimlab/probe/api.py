@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mimlab.errors import ConfigError, MimlabError, clean_worker_message
+from mimlab.models.checkpoints import FORMATS as CHECKPOINT_FORMATS
 from mimlab.probe.accumulate import StreamingMean
 from mimlab.probe.backends import KERNELS, select_backend
 from mimlab.probe.cka import MinibatchCKA
@@ -28,7 +29,6 @@ CKA_FEATURES = ("flatten", "mean", "cls")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STATS_DTYPES = ("float32", "float64")
 NMI_NORMS = ("geometric", "arithmetic")
-CHECKPOINT_FORMATS = ("auto", "timm", "deit", "mae", "mocov3", "simmim")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class ProbeConfig:
     out: str | None = None
     workers: int = 2                      # data loader worker processes
     report: bool = True                   # tables, figures and report.html beside metrics.json
+    img_size: tuple[int, int] | None = None   # build timm models for this input size (default: their own)
+    resize_pos_embed: bool = False        # resample a checkpoint's position embedding of another grid
     # how the pass runs
     batch_size: int = 32                  # images per batch = CKA minibatch (the only owner of that size)
     device: str = "cpu"
@@ -72,6 +74,11 @@ class ProbeConfig:
     compile: bool = False                 # torch.compile the torch path (a one-off compile per shape)
 
     def __post_init__(self) -> None:
+        if self.img_size is not None:
+            size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
+            if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
+                raise ConfigError("img_size", f"must be N or (H, W) with positive integers, got {self.img_size!r}")
+            object.__setattr__(self, "img_size", size)
         for name in ("models", "model_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -43,6 +43,22 @@ def model_specs(cfg: ProbeConfig) -> list[ModelSpec]:
     return specs
 
 
+# what follows the last block: the probe never reads it, so a checkpoint's classifier (or final norm of another
+# kind) is dropped with one line, and the model's own stays at initialisation, instead of failing the load
+HEAD_KEYS = ("head.*", "head_dist.*", "pre_logits.*", "fc_norm.*", "norm.*", "attn_pool.*")
+
+
+def _img_size_kwargs(cfg: ProbeConfig, spec: ModelSpec) -> dict[str, Any]:
+    """`img_size` for timm from `cfg.img_size` (an explicit request; it must not contradict --model-kwargs)."""
+    if cfg.img_size is None:
+        return {}
+    given = spec.kwargs.get("img_size")
+    if given is not None and tuple(given if isinstance(given, (tuple, list)) else (given, given)) != cfg.img_size:
+        raise ConfigError("img_size", f"{cfg.img_size[0]}x{cfg.img_size[1]} contradicts img_size={given} in the "
+                                      f"model kwargs of {spec.label}")
+    return {"img_size": cfg.img_size}
+
+
 def build_models(cfg: ProbeConfig) -> list[ProbeModel]:
     out = []
     for spec in model_specs(cfg):
@@ -51,21 +67,49 @@ def build_models(cfg: ProbeConfig) -> list[ProbeModel]:
 
             path = spec.arch[len(HF_PREFIX):]
             model, info = load_hf_model(path)
+            if cfg.img_size is not None:        # fed at this size (pos encodings interpolated by the model)
+                model.mimlab_input_size = cfg.img_size
+                info["img_size_requested"] = list(cfg.img_size)
+            if info.get("unused_keys"):
+                print(f"{spec.label}: the probe does not use the directory's {_head_text(info['unused_keys'])}")
             out.append(ProbeModel(label=spec.label, model=model, arch=spec.arch, checkpoint=str(Path(path).resolve()),
                                   random_init=False, extra=info))
             continue
-        model, report = create_model(spec.arch, spec.kwargs, checkpoint=spec.checkpoint,
-                                     checkpoint_format=cfg.checkpoint_format)
-        extra: dict[str, Any] = {"model_kwargs": {k: list(v) if isinstance(v, tuple) else v
-                                                  for k, v in spec.kwargs.items()}}
+        size = _img_size_kwargs(cfg, spec)
+        kwargs = {**spec.kwargs, **size}
+        # the size asked for (--img-size, or img_size in the model kwargs) allows resampling position embeddings
+        resize = cfg.resize_pos_embed or "img_size" in kwargs
+        model, report = create_model(spec.arch, kwargs, checkpoint=spec.checkpoint,
+                                     checkpoint_format=cfg.checkpoint_format, unused=HEAD_KEYS,
+                                     resize_pos_embed=resize)
+        extra: dict[str, Any] = {"model_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
         if report is not None:
             extra["checkpoint_format"] = report.format
             if report.dropped:
                 extra["checkpoint_dropped_keys"] = report.dropped
+            line = report.unused_line()
+            if line:
+                extra["checkpoint_unused"] = {"dropped": report.unused_dropped, "left_at_init": report.unused_at_init,
+                                              "reason": "after the last block: the probe does not read it"}
+                print(f"{spec.label}: {line} (after the last block: the probe does not read it)")
+            if report.resized:
+                extra["checkpoint_resized"] = report.resized
+                print(f"{spec.label}: resampled {', '.join(report.resized)} to the requested input size")
         out.append(ProbeModel(label=spec.label, model=model, arch=spec.arch, checkpoint=spec.checkpoint,
                               checkpoint_sha256=report.sha256 if report is not None else None,
                               random_init=spec.checkpoint is None, extra=extra))
     return out
+
+
+def _head_text(keys: list[str]) -> str:
+    """'23 tensors outside its image encoder (text_model.*: 20, logit_scale, ...)', grouped by top-level name."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        top = k.split(".", 1)[0] + (".*" if "." in k else "")
+        groups[top] = groups.get(top, 0) + 1
+    parts = [f"{g}: {n}" if n > 1 else g for g, n in groups.items()]
+    shown = ", ".join(parts[:6]) + (f", ... (+{len(parts) - 6})" if len(parts) > 6 else "")
+    return f"{len(keys)} tensors outside its image encoder ({shown})"
 
 
 def _transform_for(model: torch.nn.Module):

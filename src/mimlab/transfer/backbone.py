@@ -15,6 +15,7 @@ one-stream template+search encoder; plus the layer ablation (drop / re-initialis
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +192,10 @@ class Backbone(nn.Module):
         return x[:, -gh * gw:].transpose(1, 2).reshape(b, x.shape[2], gh, gw)
 
 
+# a checkpoint's classifier: transfer puts the task's head in its place
+CLASSIFIER_KEYS = ("head.*", "head_dist.*", "pre_logits.*")
+
+
 def build_backbone(spec_text: str, model_kwargs: dict[str, Any] | None = None, *, drop_last: int = 0,
                    reinit_last: int = 0, seed: int = 0, normalize: str = "imagenet") -> Backbone:
     """Parse `[LABEL=]ARCH[@CHECKPOINT]`, build the headless timm model, load the checkpoint strictly (its
@@ -213,8 +218,14 @@ def build_backbone(spec_text: str, model_kwargs: dict[str, Any] | None = None, *
     if spec.checkpoint is not None:
         from mimlab.models.checkpoints import load_checkpoint
 
-        report = load_checkpoint(model, spec.checkpoint, drop_keys=("head.*", "head_dist.*", "fc_norm.*"),
-                                 allow_missing=("fc_norm.*",))
+        report = load_checkpoint(model, spec.checkpoint, drop_keys=("fc_norm.*",), allow_missing=("fc_norm.*",),
+                                 unused=CLASSIFIER_KEYS, resize_pos_embed="img_size" in spec.kwargs)
+        if report.unused_dropped:
+            print(f"{spec.label}: the task's own head replaces the checkpoint's classifier "
+                  f"({', '.join(report.unused_dropped[:6])})", file=sys.stderr)
+        if report.resized:
+            print(f"{spec.label}: resampled {', '.join(report.resized)} to img_size {spec.kwargs['img_size']}",
+                  file=sys.stderr)
     n_blocks = len(block_slots(model))
     if reinit_last:
         if reinit_last > n_blocks:

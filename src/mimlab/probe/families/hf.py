@@ -1,5 +1,9 @@
-"""Adapters for Hugging Face transformers models (`hf:DIR`, loaded by `mimlab.models.hf`): ViT, DeiT, BEiT, ViTMAE
-(global attention) and Swin (window attention), all with eager attention, captured at their one softmax.
+"""Adapters for Hugging Face transformers models (`hf:DIR`, loaded by `mimlab.models.hf`): ViT, DeiT, BEiT, ViTMAE,
+DINOv2 (with registers), SigLIP and CLIP vision towers, data2vec-vision, I-JEPA (global attention) and Swin (window
+attention), all with eager attention, captured at their one softmax.
+
+Input size: the config's `image_size`, or `model.mimlab_input_size` (set by `mimlab.probe.run` for `--img-size`),
+fed with `interpolate_pos_encoding=True` where the model's forward takes it (DINOv2 interpolates by itself).
 
 ViTMAE: its embedding randomly shuffles and drops tokens. The probe sets `mask_ratio = 0` for its forward and passes
 `noise = arange(L)` so that the shuffle is the identity, then checks the returned `ids_restore` and `mask` (a
@@ -11,7 +15,7 @@ import torch
 from torch import nn
 
 from mimlab.errors import MimlabError
-from mimlab.models.hf import SUPPORTED_TYPES, base_model, force_eager, layer_list, pair, token_layout
+from mimlab.models.hf import SUPPORTED_TYPES, attention_of, base_model, force_eager, layer_list, pair, token_layout
 from mimlab.probe.capture import CaptureError
 from mimlab.probe.families.base import ModelAdapter, check_shift_mask, global_layers, swin_geometry, window_layer
 
@@ -26,14 +30,32 @@ def hf_adapter(model: nn.Module):
     force_eager(base)
     if mt == "swin":
         return _swin_adapter(base)
-    layout = token_layout(base)
+    size = getattr(model, "mimlab_input_size", None)
+    layout = token_layout(base, size)
     layers = layer_list(base)
-    named = [(f"layers.{i}", layer.attention) for i, layer in enumerate(layers)]
+    named = [(f"layers.{i}", attention_of(layer)) for i, layer in enumerate(layers)]
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(layers)]
-    forward = _vitmae_forward(base) if mt == "vit_mae" else (lambda x: base(pixel_values=x))
+    if mt == "vit_mae":
+        if size is not None:
+            raise MimlabError("hf vit_mae: probed at its config's image_size only (no interpolate_pos_encoding)")
+        forward = _vitmae_forward(base)
+    else:
+        forward = _plain_forward(base, interpolate=size is not None and tuple(size) != pair(base.config.image_size))
     info = {**layout.to_dict(), "hf_model_type": mt}
     return ModelAdapter(family="vit", capture="softmax", layers=global_layers(named, layout), blocks=blocks,
                         num_prefix=layout.num_prefix_tokens, img_size=layout.img_size, info=info, forward_fn=forward)
+
+
+def _plain_forward(base: nn.Module, interpolate: bool):
+    """base(pixel_values=x), with interpolate_pos_encoding=True for another input size than the config's."""
+    import inspect
+
+    if interpolate and "interpolate_pos_encoding" in inspect.signature(base.forward).parameters:
+        return lambda x: base(pixel_values=x, interpolate_pos_encoding=True)
+    if interpolate and base.config.model_type not in ("dinov2", "dinov2_with_registers"):
+        raise MimlabError(f"hf {base.config.model_type}: cannot be probed at another size than its image_size "
+                          f"{base.config.image_size} (its forward takes no interpolate_pos_encoding)")
+    return lambda x: base(pixel_values=x)
 
 
 def _vitmae_forward(base: nn.Module):
