@@ -18,7 +18,8 @@ import torch
 
 from mimlab.cli import main
 from mimlab.probe.attention_stats import METRICS
-from mimlab.probe.reference import attention_maps_float64, reference_metrics
+from mimlab.probe.reference import (attention_maps_float64, block_outputs_float64, reference_metrics,
+                                    reference_token_norms)
 
 TINY = dict(depth=2, embed_dim=64, num_heads=4)
 VIT = dict(img_size=32, patch_size=4, **TINY)
@@ -74,20 +75,42 @@ def probe_cli(spec: str, kwargs: str, x: torch.Tensor, tmp: Path, *extra: str, c
     return json.loads((out / "metrics.json").read_text())
 
 
+def close(got, want, what: str, rtol: float = RTOL) -> None:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err = np.abs(got - want) / np.maximum(np.abs(want), 1e-6)
+    assert float(err.max(initial=0.0)) <= rtol, f"{what}: relative error {float(err.max()):.2e}"
+
+
 def assert_matches_reference(metrics: dict[str, Any], maps: list[np.ndarray], P: int, grid: tuple[int, int],
-                             patch: tuple[int, int]) -> None:
+                             patch: tuple[int, int], outputs: list[np.ndarray] | None = None) -> None:
+    """Every statistic of every head and layer; each prefix token's share of the attention and the role sums
+    (class token, distillation token, registers); with `outputs`, the token norms of every block."""
     (label, m), = metrics["models"].items()
     assert m["num_prefix_tokens"] == P and tuple(m["grid"]) == tuple(grid), (m["num_prefix_tokens"], m["grid"])
     assert len(m["layers"]) == len(maps)
+    roles = m["prefix_roles"]
+    assert roles == {0: [], 1: ["cls"], 2: ["cls", "dist"], 5: ["cls"] + ["register"] * 4}[P], roles
     for li, (layer, a) in enumerate(zip(m["layers"], maps)):
         ref = reference_metrics(a, P, grid, patch)
         for metric in METRICS:
             if metric == "prefix_mass" and P == 0:
                 assert max(layer[metric]) == 0.0
                 continue
-            got, want = np.asarray(layer[metric]), np.asarray(ref[metric])
-            err = np.abs(got - want) / np.maximum(np.abs(want), 1e-6)
-            assert float(err.max()) <= RTOL, f"layer {li} {metric}: relative error {float(err.max()):.2e}"
+            close(layer[metric], ref[metric], f"layer {li} {metric}")
+        if P:
+            shares = np.asarray(layer["prefix_tokens"]["mass"])
+            close(shares, ref["prefix_each"], f"layer {li} prefix shares")
+            for role, metric in (("cls", "cls_mass"), ("dist", "dist_mass"), ("register", "register_mass")):
+                idx = [j for j, r in enumerate(roles) if r == role]
+                assert (metric in layer) == bool(idx), (metric, roles)
+                if idx:
+                    close(layer[metric], ref["prefix_each"][:, idx].sum(1), f"layer {li} {metric}")
+        if outputs is not None:
+            tn, want = layer["token_norms"], reference_token_norms(outputs[li], P)
+            close([tn["patch_median"], tn["patch_max"]], [want["patch_median"], want["patch_max"]],
+                  f"layer {li} token norms")
+            close(tn["prefix"]["norm"], want["prefix"], f"layer {li} prefix token norms")
 
 
 def images(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
@@ -330,7 +353,7 @@ def test_timm_family_matches_float64_reference(name, tmp_path, capsys):
     x = images(4, grid[0] * patch[0], grid[1] * patch[1])
     metrics = probe_cli(spec, kw, x, tmp_path, *extra)
     maps = attention_maps_float64(ref, x)
-    assert_matches_reference(metrics, maps, P, grid, patch)
+    assert_matches_reference(metrics, maps, P, grid, patch, block_outputs_float64(ref, x))
 
 
 def test_classifier_head_is_dropped_with_one_line_and_recorded(tmp_path, capsys):

@@ -261,3 +261,45 @@ def test_torch_float32_path_is_exact_on_trained_like_rows(top_first, P):
             continue
         err = float(((got[name] - want[name]).abs() / want[name].abs().clamp_min(1e-30)).max())
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_token_norm_statistics_hand_worked():
+    """Two images, a class token and a register, a 2x3 patch grid: patch norms 1..6 scaled per image, one planted
+    high-norm token per image; median (lower middle), max, outliers above k x median and where they are."""
+    from mimlab.probe.token_norms import TokenNormStats
+
+    def tokens(norms):
+        t = torch.zeros(len(norms), 4)
+        t[:, 0] = torch.tensor(norms, dtype=torch.float32)      # a token's norm is its first coordinate here
+        return t
+
+    img1 = tokens([10.0, 7.0] + [1, 2, 3, 2, 1, 20])             # prefix: cls 10, register 7; outlier at (1, 2)
+    img2 = tokens([4.0, 1.0] + [2, 2, 30, 2, 2, 2])              # outlier at (0, 2)
+    s = TokenNormStats(num_prefix=2, grid=(2, 3), k=3.0)
+    s.update(torch.stack([img1, img2]))
+    d = s.to_dict(("cls", "register"))
+    # image 1: sorted patch norms 1,1,2,2,3,20 -> lower median 2, max 20, outliers > 6: the 20
+    # image 2: 2,2,2,2,2,30 -> median 2, max 30, outliers > 6: the 30
+    assert d["patch_median"] == 2.0 and d["patch_max"] == 25.0 and d["outliers_per_image"] == 1.0
+    assert d["outlier_map"] == [[0.0, 0.0, 0.5], [0.0, 0.0, 0.5]]
+    assert d["prefix"] == {"roles": ["cls", "register"], "norm": [7.0, 4.0]}
+
+
+def test_probe_records_token_norms_and_prefix_roles():
+    """The probe's token_norms per layer equal the norms of the block outputs computed directly; DeiT's two
+    prefix tokens are the class and the distillation token, and their masses add up to the prefix mass."""
+    m = timm.create_model("deit_tiny_distilled_patch16_224", **SMALL).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    res = probe({"m": m}, x, ProbeConfig(batch_size=4, bootstrap=0, cka=False)).to_dict()["models"]["m"]
+    assert res["prefix_roles"] == ["cls", "dist"]
+    outs = []
+    handles = [b.register_forward_hook(lambda mod, i, o: outs.append(o.detach())) for b in m.blocks]
+    with torch.no_grad():
+        m.forward_features(x)
+    for h in handles:
+        h.remove()
+    for layer, o in zip(res["layers"], outs):
+        n = o.double().norm(dim=-1)
+        assert layer["token_norms"]["patch_median"] == pytest.approx(float(n[:, 2:].median(1).values.mean()), rel=1e-6)
+        assert layer["token_norms"]["prefix"]["norm"] == pytest.approx(n[:, :2].mean(0).tolist(), rel=1e-6)
+        np.testing.assert_allclose(np.add(layer["cls_mass"], layer["dist_mass"]), layer["prefix_mass"], rtol=1e-6)

@@ -17,7 +17,7 @@ pytest.importorskip("triton", reason="triton is not importable: the fused kernel
 
 from mimlab.probe.attention_stats import ChunkSums, chunk_sums_tensors, finalize_image_stats  # noqa: E402
 
-NAMES = ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum", "rowsum_err", "finite")
+NAMES = ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum", "rowsum_err", "finite", "prefix_each")
 
 
 # The interpreter is chosen when a @triton.jit function is defined, triton's own library functions (tl.sum, ...)
@@ -34,7 +34,7 @@ for name, (args, kwargs) in cases.items():
     try:
         res = ts.fused_chunk_stats(*args, **kwargs)
         out[name] = tuple(getattr(res, n) for n in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum",
-                                                    "rowsum_err", "finite"))
+                                                    "rowsum_err", "finite", "prefix_each"))
     except ts.UnsupportedStatsShape as e:
         out[name] = "UnsupportedStatsShape: " + str(e)
 torch.save(out, sys.argv[2])
@@ -92,7 +92,7 @@ def as_tuple(s: ChunkSums) -> tuple:
 
 
 def assert_matches(got, ref, rtol=1e-4):
-    assert len(got) == len(ref) == 9
+    assert len(got) == len(ref) == 10
     for name, a, r in zip(NAMES, got, ref):
         assert a.shape == r.shape and a.dtype == r.dtype, (name, a.shape, r.shape, a.dtype, r.dtype)
         if name == "finite":
@@ -221,10 +221,11 @@ def test_single_head_and_nonfinite_flag(kernel):
     got = kernel["one_head"]
     assert_matches(got, reference(q, k, None, scale, P, dist))
     assert got[4].shape == (1, 1, 1) and got[5].shape == (1, 1, 1)
-    assert not bool(kernel["nan_query"][-1])
-    assert not bool(kernel["inf_logit"][-1])
-    assert not bool(reference(q, k, CASES["inf_logit"][0][2], scale, P, dist)[-1])
-    assert not bool(kernel["inf_prefix_logit"][-1])     # stricter than the reference, which gives a NaN prefix mass
+    fin = NAMES.index("finite")
+    assert not bool(kernel["nan_query"][fin])
+    assert not bool(kernel["inf_logit"][fin])
+    assert not bool(reference(q, k, CASES["inf_logit"][0][2], scale, P, dist)[fin])
+    assert not bool(kernel["inf_prefix_logit"][fin])     # stricter than the reference, which gives a NaN prefix mass
 
 
 _q, _k, _bias, _ = make(4, 2, 9, 0, 16, mult=1.5, bias_shape=(4, 2, 9, 9), seed=5)
@@ -252,7 +253,8 @@ def test_hand_worked_uniform(kernel):
     (q, _, _, _, P, dist), _ = CASES["uniform"]
     B, H, N, _ = q.shape
     K = N - P
-    dsum, ent, negent, prefix, cross, js, colsum, err, finite = kernel["uniform"]
+    dsum, ent, negent, prefix, cross, js, colsum, err, finite, prefix_each = kernel["uniform"]
+    torch.testing.assert_close(prefix_each, torch.full((B, H, P), K / N, dtype=torch.float64))
     f64 = torch.float64
     torch.testing.assert_close(prefix, torch.full((B, H), K * P / N, dtype=f64))
     torch.testing.assert_close(ent, torch.full((B, H), K * math.log(K), dtype=f64))

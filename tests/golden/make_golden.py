@@ -90,7 +90,7 @@ def _probe_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
             keep = {k: layer[k] for k in ("attention_distance_px", "attention_distance_norm", "head_kl", "head_js",
                                           "entropy", "prefix_mass", "nmi")}
             if "ci" in layer:
-                keep["ci"] = layer["ci"]
+                keep["ci"] = {k: v for k, v in layer["ci"].items() if k in keep}
             layers.append(keep)
         out["models"][label] = {"layers": layers, "uniform_distance_px": m.get("uniform_distance_px"),
                                 "num_prefix_tokens": m["num_prefix_tokens"], "grid": m["grid"]}

@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for CIs (0 = none)")
     g.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
                    help="dtype of the per-chunk attention math (sums are always float64)")
+    g.add_argument("--norm-outlier-k", type=float, default=3.0,
+                   help="high-norm patch tokens: norm above K x the image's median patch norm (default 3)")
     g.add_argument("--no-js", action="store_true",
                    help="skip Jensen-Shannon head diversity (the costliest statistic; reported as NaN)")
     p.add_argument("--compile", action="store_true",
@@ -87,7 +89,8 @@ def config_from_args(args: argparse.Namespace):
                        report=not args.no_report, progress=not args.quiet, renormalize=not args.no_renormalize,
                        kl_eps=args.kl_eps, nmi_norm=args.nmi_norm, cka=not args.no_cka,
                        cka_features=args.cka_features, bootstrap=args.bootstrap, stats_dtype=args.stats_dtype,
-                       js=not args.no_js, compile=args.compile, kernel=args.stats_kernel)
+                       js=not args.no_js, compile=args.compile, kernel=args.stats_kernel,
+                       norm_outlier_k=args.norm_outlier_k)
 
 
 def run(args: argparse.Namespace) -> int:

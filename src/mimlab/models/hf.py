@@ -157,7 +157,6 @@ def layer_list(base: nn.Module) -> nn.ModuleList:
     raise MimlabError(f"{type(base).__name__}: cannot find its transformer layers (layers / encoder.layer)")
 
 
-
 def token_layout(model: nn.Module, image_size: tuple[int, int] | None = None) -> TokenLayout:
     """Prefix tokens + patch grid of a ViT-like HF model, from its config (at `image_size`, default the config's)."""
     cfg = model.config
@@ -167,8 +166,9 @@ def token_layout(model: nn.Module, image_size: tuple[int, int] | None = None) ->
     img, patch = pair(image_size if image_size is not None else cfg.image_size), pair(cfg.patch_size)
     if img[0] % patch[0] or img[1] % patch[1]:
         raise MimlabError(f"{type(model).__name__}: image_size {img} is not a multiple of patch_size {patch}")
-    prefix = _PREFIX_TOKENS[mt] + int(getattr(cfg, "num_register_tokens", 0) or 0)
-    return TokenLayout(num_prefix_tokens=prefix, grid=(img[0] // patch[0], img[1] // patch[1]), patch_size=patch)
+    roles = ("cls", "dist")[:_PREFIX_TOKENS[mt]] + ("register",) * int(getattr(cfg, "num_register_tokens", 0) or 0)
+    return TokenLayout(num_prefix_tokens=len(roles), grid=(img[0] // patch[0], img[1] // patch[1]), patch_size=patch,
+                       prefix_roles=roles)
 
 
 # ---------------------------------------------------------------------------------------- weights for timm parity

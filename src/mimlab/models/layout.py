@@ -26,6 +26,13 @@ class TokenLayout:
     num_prefix_tokens: int
     grid: tuple[int, int]
     patch_size: tuple[int, int]
+    prefix_roles: tuple[str, ...] = ()   # one per prefix token, in order: "cls", "dist" or "register"
+
+    def __post_init__(self) -> None:
+        if self.prefix_roles and len(self.prefix_roles) != self.num_prefix_tokens:
+            raise ValueError(f"{len(self.prefix_roles)} prefix roles for {self.num_prefix_tokens} prefix tokens")
+        if not self.prefix_roles and self.num_prefix_tokens:      # unknown: the first is the class token
+            object.__setattr__(self, "prefix_roles", ("cls",) + ("prefix",) * (self.num_prefix_tokens - 1))
 
     @property
     def num_patches(self) -> int:
@@ -58,8 +65,8 @@ class TokenLayout:
         return float(self.distance_matrix_px().mean())
 
     def to_dict(self) -> dict:
-        return {"num_prefix_tokens": self.num_prefix_tokens, "grid": list(self.grid),
-                "patch_size": list(self.patch_size), "img_size": list(self.img_size)}
+        return {"num_prefix_tokens": self.num_prefix_tokens, "prefix_roles": list(self.prefix_roles),
+                "grid": list(self.grid), "patch_size": list(self.patch_size), "img_size": list(self.img_size)}
 
 
 def inspect_layout(model: nn.Module) -> TokenLayout:
@@ -78,7 +85,21 @@ def inspect_layout(model: nn.Module) -> TokenLayout:
     patch = getattr(pe, "patch_size", None)
     if grid is None or patch is None:
         raise MimlabError(f"{name}: patch_embed has no grid_size/patch_size")
-    return TokenLayout(num_prefix_tokens=int(model.num_prefix_tokens), grid=_pair(grid), patch_size=_pair(patch))
+    return TokenLayout(num_prefix_tokens=int(model.num_prefix_tokens), grid=_pair(grid), patch_size=_pair(patch),
+                       prefix_roles=timm_prefix_roles(model))
+
+
+def timm_prefix_roles(model: nn.Module) -> tuple[str, ...]:
+    """The role of each prefix token of a timm ViT-family model, in sequence order: the class token, the
+    distillation token (distilled DeiT), then the registers (timm's `reg_token`, DINOv2/DINOv3 registers)."""
+    roles = ["cls"] if getattr(model, "cls_token", None) is not None else []
+    if getattr(model, "dist_token", None) is not None:
+        roles.append("dist")
+    reg = getattr(model, "reg_token", None)
+    roles += ["register"] * (int(reg.shape[1]) if reg is not None else 0)
+    if len(roles) != int(model.num_prefix_tokens):      # a layout this reading does not know: say so, do not guess
+        return ("cls",) + ("prefix",) * (int(model.num_prefix_tokens) - 1) if model.num_prefix_tokens else ()
+    return tuple(roles)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

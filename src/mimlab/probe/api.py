@@ -67,6 +67,7 @@ class ProbeConfig:
     cka_features: str = "flatten"         # block output flattened over tokens | mean of patch tokens | first prefix
     bootstrap: int = 200                  # Poisson bootstrap replicates for CIs (0 = none)
     ci_level: float = 0.95
+    norm_outlier_k: float = 3.0           # high-norm patch tokens: norm > k x the image's median (token_norms)
     # numerics (the same numbers, to float32 rounding, whatever is chosen)
     stats_dtype: str = "float32"          # dtype of the per-chunk attention math; sums are always float64
     chunk_elements: int = 1 << 22         # max logits per chunk on the torch path (memory bound)
@@ -97,6 +98,8 @@ class ProbeConfig:
             raise ConfigError("images", f"must be >= 1, got {self.images!r}")
         if not (isinstance(self.kl_eps, (int, float)) and 0 < self.kl_eps < 1):
             raise ConfigError("kl_eps", f"must be in (0, 1), got {self.kl_eps!r}")
+        if not (isinstance(self.norm_outlier_k, (int, float)) and self.norm_outlier_k > 1):
+            raise ConfigError("norm_outlier_k", f"must be a number > 1, got {self.norm_outlier_k!r}")
         if not (isinstance(self.ci_level, (int, float)) and 0 < self.ci_level < 1):
             raise ConfigError("ci_level", f"must be in (0, 1), got {self.ci_level!r}")
         if len(self.model_kwargs) not in (0, 1, max(1, len(self.models))):
@@ -112,7 +115,7 @@ class ProbeConfig:
         return {"renormalize_patch_attention": self.renormalize, "kl_eps": self.kl_eps, "log": "natural",
                 "js": self.js, "compiled_stats": self.compile, "nmi_norm": self.nmi_norm,
                 "bootstrap": self.bootstrap, "ci_level": self.ci_level, "stats_dtype": self.stats_dtype,
-                "ci_method": "poisson_bootstrap_percentile"}
+                "ci_method": "poisson_bootstrap_percentile", "norm_outlier_k": self.norm_outlier_k}
 
 
 @dataclass

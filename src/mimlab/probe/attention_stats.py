@@ -2,7 +2,7 @@
 
 Notation (see docs/metrics.md): one image, one layer, one head; `A = softmax(s)` is the post-softmax attention of a
 row of logits `s` (q.k * scale + bias); the first `P` keys are prefix tokens, the rest a patch grid. For a patch query i:
-- prefix mass        m_i  = sum_{j < P} A_ij
+- prefix mass        m_i  = sum_{j < P} A_ij  (and each prefix token's share A_ij, j < P: CLS, distillation, registers)
 - patch attention    p_ij = A_ij / (1 - m_i)  over the K patch keys j
 - distance           d_i  = sum_j p_ij * D_ij  (D = pixel distance between patch centres); without renormalisation
                      (an option) d_i = sum_j A_ij D_ij = (1 - m_i) sum_j p_ij D_ij. The other statistics are
@@ -38,9 +38,10 @@ class ChunkSums:
     colsum: torch.Tensor    # (b, H, K)   sum_i p_ij  (for NMI)
     rowsum_err: torch.Tensor  # max |sum_j p_ij - 1| seen, 0-d (sanity check of the capture)
     finite: torch.Tensor    # 0-d bool: every logit was finite or -inf (masked)
+    prefix_each: torch.Tensor  # (b, H, P) sum_i A_ij for each prefix token j (CLS, distillation, registers)
 
     def __iadd__(self, other: "ChunkSums") -> "ChunkSums":
-        for name in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum"):
+        for name in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum", "prefix_each"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.rowsum_err = torch.maximum(self.rowsum_err, other.rowsum_err)
         self.finite = self.finite & other.finite
@@ -49,7 +50,7 @@ class ChunkSums:
     def cat(self, other: "ChunkSums") -> "ChunkSums":
         """The sums of two sets of images, self's first (along the image dimension)."""
         out = {name: torch.cat([getattr(self, name), getattr(other, name)], 0)
-               for name in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum")}
+               for name in ("dist", "entropy", "negent", "prefix", "cross", "js", "colsum", "prefix_each")}
         return ChunkSums(**out, rowsum_err=torch.maximum(self.rowsum_err, other.rowsum_err),
                          finite=self.finite & other.finite)
 
@@ -118,9 +119,12 @@ def chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix
     if P:
         mx_all, rel_all = _row_lse(s)
         # m = sum_{j<P} exp(s_j - lse_all): summed directly (not 1 - patch mass), so a small m keeps its precision
-        prefix = torch.exp(s[..., :P].to(f64) - (mx_all.to(f64) + rel_all)).sum(-1)
+        each = torch.exp(s[..., :P].to(f64) - (mx_all.to(f64) + rel_all))
+        prefix = each.sum(-1)
+        prefix_each = each.sum(2)
     else:
         prefix = torch.zeros(b, H, nq, dtype=f64, device=s.device)
+        prefix_each = torch.zeros(b, H, 0, dtype=f64, device=s.device)
     finite = torch.isfinite(rel_lse).all() & torch.isfinite(mx).all()
     # log(K p) = (s - max) - (log sum exp(s - max) - log K): both parts small for near-uniform and for peaked rows
     lpk = (sp - mx) - (rel_lse - log_k).to(s.dtype)
@@ -149,7 +153,7 @@ def chunk_sums_tensors(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix
         js_mat = js_mat + js_mat.transpose(1, 2)
     return ChunkSums(dist=dist.sum(-1), entropy=(log_k - negent).sum(-1), negent=negent.sum(-1),
                      prefix=prefix.sum(-1), cross=cross, js=js_mat, colsum=p.sum(2).to(f64), rowsum_err=rowsum_err,
-                     finite=finite)
+                     finite=finite, prefix_each=prefix_each)
 
 
 def finalize_image_stats(s: ChunkSums, num_queries: int, uniform_distance: float,

@@ -17,8 +17,10 @@ from mimlab.probe.attention_stats import METRICS, ChunkSums, finalize_image_stat
 from mimlab.probe.backends import StatsBackend
 from mimlab.probe.capture import CaptureError, SDPACall, capture_attention, capture_softmax
 from mimlab.probe.families import AttentionLayer, ModelAdapter, adapter_for, per_image_window_mean
+from mimlab.probe.token_norms import TokenNormStats
 
 MAX_ROWSUM_ERROR = 1e-3     # captured rows must be probability distributions: anything else is not attention
+ROLE_METRICS = {"cls": "cls_mass", "dist": "dist_mass", "register": "register_mass"}   # prefix mass by token role
 
 
 class ModelProbe:
@@ -36,12 +38,21 @@ class ModelProbe:
         self.batch_values: list[torch.Tensor | None] = [None] * len(self.layers)
         self.batch_grams: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.max_rowsum_err = 0.0
+        self.roles = tuple(self.adapter.info.get("prefix_roles") or ())
+        self.norms = [TokenNormStats(self.adapter.num_prefix, self._block_grid(i), cfg.norm_outlier_k)
+                      for i in range(len(self.blocks))]
         if cfg.cka_features == "cls" and self.adapter.num_prefix == 0:
             raise ConfigError("cka_features", f"cls needs a prefix token; {pm.label} has none")
 
     @property
     def blocks(self) -> list[tuple[str, torch.nn.Module]]:
         return self.adapter.blocks
+
+    def _block_grid(self, i: int) -> tuple[int, int]:
+        """The token map a block outputs: the model's patch grid, or a Swin stage's map."""
+        if len(self.layers) == len(self.blocks) and self.layers[i].geometry is not None:
+            return tuple(self.layers[i].geometry.feat)
+        return tuple(self.adapter.info["grid"])
 
     # -- attention ------------------------------------------------------------------------------------------
     def on_attention(self, name: str, call) -> None:
@@ -93,10 +104,12 @@ class ModelProbe:
         if not err <= MAX_ROWSUM_ERROR:
             raise CaptureError(f"{self.pm.label}/{layer.name}: captured attention rows do not sum to 1 "
                                f"(max error {err:.2e})")
-        vals = finalize_image_stats(sums, layer.num_tokens - layer.num_prefix, layer.uniform, self.cfg.nmi_norm)
+        nq = layer.num_tokens - layer.num_prefix
+        vals = finalize_image_stats(sums, nq, layer.uniform, self.cfg.nmi_norm)
         if not self.cfg.js:   # not computed: say so, never a silent 0
             vals["head_js"] = torch.full_like(vals["head_js"], float("nan"))
-        return torch.stack([vals[m] for m in METRICS], dim=-1)
+        # METRICS, then each prefix token's share of the attention (mean over the patch queries)
+        return torch.cat([torch.stack([vals[m] for m in METRICS], dim=-1), sums.prefix_each / nq], dim=-1)
 
     # -- CKA features -----------------------------------------------------------------------------------------
     def block_hook(self, index: int):
@@ -112,6 +125,7 @@ class ModelProbe:
             if not finite:
                 raise MimlabError(f"{self.pm.label}: non-finite values (NaN/inf) in the output of "
                                   f"{self.blocks[index][0]}")
+            self.norms[index].update(x)
             if not cka:
                 return
             if gram is None:
@@ -162,16 +176,31 @@ class ModelProbe:
         if layer.geometry is not None:
             entry["window"] = layer.geometry.to_dict()
             entry["uniform_distance_px"] = layer.uniform
-        for mi, metric in enumerate(METRICS):
-            entry[metric] = mean[:, mi].tolist()
-        entry["layer_mean"] = {metric: float(mean[:, mi].mean()) for mi, metric in enumerate(METRICS)}
-        reps = acc.replicate_means()
+        M = len(METRICS)
+        shares, reps = mean[:, M:], acc.replicate_means()
+        # per-head metrics: METRICS, then the prefix mass split by role (sums of the role's tokens' shares)
+        named = {metric: (mean[:, mi], None if reps is None else reps[:, :, mi]) for mi, metric in enumerate(METRICS)}
+        for role, metric in ROLE_METRICS.items():
+            idx = [j for j, r in enumerate(self.roles) if r == role]
+            if idx:
+                named[metric] = (shares[:, idx].sum(1), None if reps is None else reps[:, :, M:][:, :, idx].sum(-1))
+        for metric, (values, _) in named.items():
+            entry[metric] = values.tolist()
+        entry["layer_mean"] = {metric: float(values.mean()) for metric, (values, _) in named.items()}
         if reps is not None and reps.shape[0] >= 2:
-            lo, hi = percentile_ci(reps, self.cfg.ci_level)          # (H, M)
-            llo, lhi = percentile_ci(reps.mean(1), self.cfg.ci_level)  # (M,)
-            entry["ci"] = {metric: {"low": lo[:, mi].tolist(), "high": hi[:, mi].tolist()}
-                           for mi, metric in enumerate(METRICS)}
-            entry["layer_ci"] = {metric: [float(llo[mi]), float(lhi[mi])] for mi, metric in enumerate(METRICS)}
+            entry["ci"], entry["layer_ci"] = {}, {}
+            for metric, (_, r) in named.items():
+                lo, hi = percentile_ci(r, self.cfg.ci_level)                 # (H,)
+                llo, lhi = percentile_ci(r.mean(1), self.cfg.ci_level)      # 0-d
+                entry["ci"][metric] = {"low": lo.tolist(), "high": hi.tolist()}
+                entry["layer_ci"][metric] = [float(llo), float(lhi)]
+        if self.roles:
+            entry["prefix_tokens"] = {"roles": list(self.roles), "mass": shares.tolist()}     # (H, P)
+        if li < len(self.norms) and self.norms[li].n:
+            tn = self.norms[li].to_dict(self.roles)
+            entry["token_norms"] = tn
+            entry["layer_mean"].update(patch_norm_median=tn["patch_median"], patch_norm_max=tn["patch_max"],
+                                       norm_outliers_per_image=tn["outliers_per_image"])
         return entry
 
     def to_dict(self) -> dict[str, Any]:

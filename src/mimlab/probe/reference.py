@@ -80,7 +80,30 @@ def reference_metrics(A, num_prefix, grid, patch, eps=1e-8, renormalize=True):
         "entropy": ent.mean(-1).mean(0),
         "prefix_mass": prefix.mean(-1).mean(0) if P else np.zeros(H),
         "nmi": nmi.mean(0),
+        "prefix_each": rows[..., :P].mean(2).mean(0),                # (H, P): each prefix token's share
     }
+
+
+def block_outputs_float64(model, x, dtype=torch.float64):
+    """List over blocks of (B, T, C) outputs (the residual stream) of a timm ViT-family model in float64."""
+    m = copy.deepcopy(model).to(dtype).eval()
+    outs = []
+    handles = [blk.register_forward_hook(lambda mod, inp, out: outs.append(out.detach())) for blk in m.blocks]
+    with torch.no_grad():
+        m.forward_features(x.to(dtype))
+    for h in handles:
+        h.remove()
+    return [o.numpy() for o in outs]
+
+
+def reference_token_norms(tokens, num_prefix):
+    """Per block output (B, T, C): the mean over images of the median (lower middle value) and max patch-token norm,
+    and each prefix token's norm, from numpy's norm and sort."""
+    n = np.sqrt((tokens.astype(np.float64) ** 2).sum(-1))               # (B, T)
+    patch = np.sort(n[:, num_prefix:], axis=1)
+    med = patch[:, (patch.shape[1] - 1) // 2]
+    return {"patch_median": float(med.mean()), "patch_max": float(patch[:, -1].mean()),
+            "prefix": n[:, :num_prefix].mean(0)}
 
 
 def linear_cka_full_batch(X, Y):

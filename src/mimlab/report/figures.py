@@ -326,6 +326,52 @@ def cka_figure(result: dict, pairs: Sequence[tuple[str, str]], title: str) -> Fi
     return fig
 
 
+def _has_token_norms(result: dict, label: str) -> bool:
+    return all("token_norms" in layer for layer in T.layers(result, label))
+
+
+def token_norm_figure(result: dict, title: str) -> Figure:
+    """Per model, two panels. Left, by layer: the median and largest patch-token norm of a block's output and
+    each prefix role's mean token norm (class token, registers, ...); right, where the high-norm patch tokens
+    sit (the fraction of images in which each grid position is one) at the layer that has the most of them, with
+    the attention mass each prefix role receives at that layer in the title."""
+    labels = [lab for lab in T.models(result) if _has_token_norms(result, lab)]
+    fig = _new_figure(8.6, 3.1 * len(labels) + 0.4)
+    axes = fig.subplots(len(labels), 2, squeeze=False, gridspec_kw={"width_ratios": [1.6, 1.0]})
+    for row, label in zip(axes, labels):
+        ax, ax_map = row
+        ls = T.layers(result, label)
+        idx = list(range(len(ls)))
+        tn = [layer["token_norms"] for layer in ls]
+        ax.plot(idx, [t["patch_median"] for t in tn], color=PALETTE[0], marker="o", markersize=3, label="patch median")
+        ax.plot(idx, [t["patch_max"] for t in tn], color=PALETTE[1], marker="o", markersize=3, label="patch max")
+        roles = tn[0]["prefix"]["roles"]
+        for ci, role in enumerate(dict.fromkeys(roles)):
+            cols = [j for j, r in enumerate(roles) if r == role]
+            vals = [sum(t["prefix"]["norm"][j] for j in cols) / len(cols) for t in tn]
+            ax.plot(idx, vals, color=PALETTE[2 + ci % 5], linestyle="--", marker="s", markersize=3,
+                    label=f"{role} token{'s (mean)' if len(cols) > 1 else ''}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
+        _style(ax)
+        ax.set_xlabel(_depth_label(ls))
+        ax.set_ylabel("token norm")
+        ax.set_title(_title(result, label), fontsize=9)
+        ax.legend(fontsize=7, loc="best", framealpha=0.85)
+        worst = max(idx, key=lambda i: (tn[i]["outliers_per_image"], i))
+        im = ax_map.imshow(tn[worst]["outlier_map"], cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+        masses = ", ".join(f"{m.split('_')[0]} {ls[worst]['layer_mean'][m]:.2f}" for m in
+                           ("cls_mass", "dist_mass", "register_mass") if m in ls[worst].get("layer_mean", {}))
+        ax_map.set_title(f"{T.layer_name(ls[worst], worst)}: {tn[worst]['outliers_per_image']:.2f} tokens per image "
+                         f"> {tn[worst]['outlier_k']:g} x median" + (f"\nattention mass: {masses}" if masses else ""),
+                         fontsize=8)
+        ax_map.set_xticks([])
+        ax_map.set_yticks([])
+        fig.colorbar(im, ax=ax_map, shrink=0.8, label="fraction of images")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,4 +397,6 @@ def make_figures(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         emit("cka_within", cka_figure(result, within, "Linear CKA between layers of each model"))
     if across:
         emit("cka_across", cka_figure(result, across, "Linear CKA between layers of different models"))
+    if any(_has_token_norms(result, lab) for lab in labels):
+        emit("token_norms", token_norm_figure(result, "Token norms: high-norm patch tokens and registers"))
     return figs

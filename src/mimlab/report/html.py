@@ -35,6 +35,11 @@ CAPTIONS: dict[str, str] = {
     "nmi": (
         "Normalised mutual information between query and key under uniform queries (Park et al. 2023), mean over "
         "heads per layer; values near 0 mean every query attends alike (attention collapse)."),
+    "token_norms": (
+        "Norms of the tokens each block outputs (the residual stream), averaged over images: the median and largest "
+        "patch-token norm and each prefix token's (class token, registers), by layer; right, where the patch tokens "
+        "whose norm exceeds k times their image's median sit (the high-norm 'artifact' tokens of Darcet et al. 2024), "
+        "as the fraction of images in which each grid position is one, at the layer with most of them."),
     "cka_within": (
         "Linear CKA between the block outputs of two layers of the same model, with the unbiased HSIC estimator "
         "accumulated over minibatches of images (Nguyen et al. 2021); colours span [0, 1], values below 0 are "

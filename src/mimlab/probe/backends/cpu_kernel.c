@@ -162,6 +162,7 @@ typedef struct {
     /* per-query per-head rows (H x Kp): lpk (= log K p), p, ell; kp: Kp floats of scratch (e^x of one row) */
     float *lpk, *p, *ell, *kp;
     double *dsum, *esum, *nsum, *psum, *cross, *js, *colsum;
+    double *pesum;                /* H x P: attention mass on each prefix token, summed over the queries */
     double *colw;                 /* H x Kp column sums (padded) */
     double *dlo;                  /* H: per head, sum over queries of the float rounding of delta */
     vd *crossv, *jsv;             /* H x H x 2 double vector accumulators */
@@ -252,14 +253,22 @@ static void row_stats(Ctx *c, int h, const float *restrict r, const float *restr
     double pref = 0.0;
     if (P > 0) {   /* prefix mass = sum_j<P e^s_j / (e^lse_patch + sum_j<P e^s_j), in double, shifted by the max */
         double lse_p = (double)m + c->logk + delta_d;            /* log sum_patches e^s = m + log(K + S) */
+        double *pe = c->pesum + (size_t)h * P;                  /* each prefix token's share, summed over queries */
         if (P == 1) {                                            /* sigmoid(s_0 - lse_p), one exp */
             double z = (double)(r[0] > floor ? r[0] : floor) - lse_p, e = exp(-fabs(z));
             pref = z >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+            pe[0] += pref;
         } else {
-            double mx = lse_p, ep;
+            double mx = lse_p, ep, ej[64];
             for (int j = 0; j < P; j++) { double s = r[j] > floor ? r[j] : floor; mx = s > mx ? s : mx; }
-            for (int j = 0; j < P; j++) pref += exp((double)(r[j] > floor ? r[j] : floor) - mx);
+            for (int j = 0; j < P; j++) {
+                double e = exp((double)(r[j] > floor ? r[j] : floor) - mx);
+                if (j < 64) ej[j] = e;
+                pref += e;
+            }
             ep = exp(lse_p - mx);
+            for (int j = 0; j < P; j++)
+                pe[j] += (j < 64 ? ej[j] : exp((double)(r[j] > floor ? r[j] : floor) - mx)) / (pref + ep);
             pref = pref / (pref + ep);
         }
     }
@@ -356,8 +365,8 @@ static char *work_buffer(size_t bytes) {
 }
 
 static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, int renormalize, int do_js,
-                    double *dsum, double *esum, double *nsum, double *psum, double *cross, double *js,
-                    double *colsum) {
+                    double *dsum, double *esum, double *nsum, double *psum, double *pesum, double *cross,
+                    double *js, double *colsum) {
     c->H = H; c->N = N; c->P = P; c->K = N - P; c->Kp = (c->K + VW - 1) / VW * VW;
     c->renormalize = renormalize; c->do_js = do_js;
     c->eps = eps; c->lke = logf((float)c->K * eps); c->keps = expf(c->lke); c->inv_k = 1.0f / (float)c->K; c->logk = log((double)c->K);
@@ -377,9 +386,10 @@ static int ctx_init(Ctx *c, int H, int N, int P, int extra_floats, float eps, in
     c->valid = c->kp + c->Kp;
     for (int j = 0; j < c->Kp; j++) c->valid[j] = j < c->K ? 1.0f : 0.0f;
     c->row = c->valid + c->Kp;
-    c->dsum = dsum; c->esum = esum; c->nsum = nsum; c->psum = psum; c->cross = cross; c->js = js;
+    c->dsum = dsum; c->esum = esum; c->nsum = nsum; c->psum = psum; c->pesum = pesum; c->cross = cross; c->js = js;
     c->colsum = colsum; c->err = 0.0f; c->bad = 0;
     for (int h = 0; h < H; h++) { dsum[h] = esum[h] = nsum[h] = psum[h] = 0.0; }
+    memset(pesum, 0, sizeof(double) * (size_t)H * P);
     return 1;
 }
 
@@ -405,9 +415,10 @@ int padded_keys(int K) { return (K + VW - 1) / VW * VW; }
 /* From logits: one image, logits (H, nq, N), dist (nq, Kp) zero padded. Returns 0 if out of memory. */
 int image_stats(const float *logits, const float *dist, int H, int nq, int N, int P, float eps,
                 int renormalize, int do_js, double *dsum, double *esum, double *nsum, double *psum,
-                double *cross, double *js, double *colsum, float *rowerr, int *bad) {
+                double *pesum, double *cross, double *js, double *colsum, float *rowerr, int *bad) {
     Ctx c;
-    if (!ctx_init(&c, H, N, P, 0, eps, renormalize, do_js, dsum, esum, nsum, psum, cross, js, colsum)) return 0;
+    if (!ctx_init(&c, H, N, P, 0, eps, renormalize, do_js, dsum, esum, nsum, psum, pesum, cross, js, colsum))
+        return 0;
     for (int i = 0; i < nq; i++) {
         for (int h = 0; h < H; h++) row_stats(&c, h, logits + ((size_t)h * nq + i) * N, dist + (size_t)i * c.Kp);
         query_done(&c);
@@ -423,11 +434,11 @@ int image_stats(const float *logits, const float *dist, int H, int nq, int N, in
 static int image_stats_qk(const float *q, long qh, long qi, const float *k, long kh, long kj, const float *mask,
                           long mh, long mi, float scale, int D, const float *dist, int H, int N, int P, float eps,
                           int renormalize, int do_js, double *dsum, double *esum, double *nsum, double *psum,
-                          double *cross, double *js, double *colsum, float *rowerr, int *bad) {
+                          double *pesum, double *cross, double *js, double *colsum, float *rowerr, int *bad) {
     Ctx c;
     const int Np = (N + VW - 1) / VW * VW;
-    if (!ctx_init(&c, H, N, P, H * D * Np + H * QB * Np, eps, renormalize, do_js, dsum, esum, nsum, psum, cross,
-                  js, colsum))
+    if (!ctx_init(&c, H, N, P, H * D * Np + H * QB * Np, eps, renormalize, do_js, dsum, esum, nsum, psum, pesum,
+                  cross, js, colsum))
         return 0;
     float *kt = ctx_extra(&c);                           /* H x D x Np: k transposed, zero padded */
     float *S = kt + (size_t)H * D * Np;                  /* H x QB x Np: logits of this query block */
@@ -487,13 +498,13 @@ int has_openmp(void) {
    regions take this work at once; threads of our own competed with them for the cores (2-10% of the whole probe's
    time on 2 cores). One call per batch: a ctypes call per image cost ~70 us of Python and GIL time. Strides in floats;
    mb = 0 and db = 0 broadcast the mask and the distances. Outputs are contiguous per image: (b, H) sums,
-   (b, H, H) cross and js, (b, H, N - P) column sums, (b) row-sum errors and flags. Returns 0 if an image ran out
+   (b, H, P) prefix shares, (b, H, H) cross and js, (b, H, N - P) column sums, (b) row-sum errors and flags. Returns 0 if an image ran out
    of memory. */
 int batch_stats_qk(int t0, int t1, int nsets, int b, const float *q, long qb, long qh, long qi, const float *k,
                    long kb, long kh, long kj, const float *mask, long mb, long mh, long mi, float scale, int D,
                    const float *dist, long db, int H, int N, int P, float eps, int renormalize, int do_js,
-                   double *dsum, double *esum, double *nsum, double *psum, double *cross, double *js,
-                   double *colsum, float *rowerr, int *bad) {
+                   double *dsum, double *esum, double *nsum, double *psum, double *pesum, double *cross,
+                   double *js, double *colsum, float *rowerr, int *bad) {
     const long K = N - P, HH = (long)H * H;
     int ok = 1;
     #pragma omp parallel for num_threads(t1 - t0) schedule(static, 1) reduction(&:ok)
@@ -501,7 +512,8 @@ int batch_stats_qk(int t0, int t1, int nsets, int b, const float *q, long qb, lo
         for (int i = t; i < b; i += nsets)
             ok &= image_stats_qk(q + i * qb, qh, qi, k + i * kb, kh, kj, mask ? mask + i * mb : NULL, mh, mi, scale,
                                  D, dist + i * db, H, N, P, eps, renormalize, do_js, dsum + (long)i * H,
-                                 esum + (long)i * H, nsum + (long)i * H, psum + (long)i * H, cross + i * HH,
+                                 esum + (long)i * H, nsum + (long)i * H, psum + (long)i * H,
+                                 pesum + (long)i * H * P, cross + i * HH,
                                  js + i * HH, colsum + (long)i * H * K, rowerr + i, bad + i);
     return ok;
 }

@@ -47,9 +47,9 @@ OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 _P, _I, _F, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
 # every C entry point: (return type, argument types), declared once
 SIGNATURES: dict[str, tuple[type, list[type]]] = {
-    "image_stats": (_I, [_P, _P, _I, _I, _I, _I, _F, _I, _I] + [_P] * 9),
+    "image_stats": (_I, [_P, _P, _I, _I, _I, _I, _F, _I, _I] + [_P] * 10),
     "batch_stats_qk": (_I, [_I, _I, _I, _I, _P, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _F, _I, _P, _L, _I, _I,
-                            _I, _F, _I, _I] + [_P] * 9),
+                            _I, _F, _I, _I] + [_P] * 10),
     "gram_parts": (_I, [_I, _I, _I, _I, _P, _I, _L, _L, _P, _P]),
     "has_openmp": (_I, []),
     "padded_keys": (_I, [_I]),
@@ -222,9 +222,11 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return _POOL[1]
 
 
-def _outputs(b: int, H: int, K: int) -> list[torch.Tensor]:
+def _outputs(b: int, H: int, K: int, P: int) -> list[torch.Tensor]:
+    """dist, entropy, negent, prefix, prefix_each (one slot when P = 0: never written), cross, js, colsum, row-sum
+    errors, bad flags: the C entries' output buffers, in their argument order."""
     f64 = torch.float64
-    return [torch.empty(b, H, dtype=f64) for _ in range(4)] + [
+    return [torch.empty(b, H, dtype=f64) for _ in range(4)] + [torch.empty(b, H, max(P, 1), dtype=f64)] + [
         torch.empty(b, H, H, dtype=f64), torch.empty(b, H, H, dtype=f64), torch.empty(b, H, K, dtype=f64),
         torch.empty(b, dtype=torch.float32), torch.zeros(b, dtype=torch.int32)]
 
@@ -257,15 +259,15 @@ def _run(n: int, work, team: bool = False) -> None:
         raise MemoryError("cpu stats kernel: out of memory for its work buffers")
 
 
-def _finish(out: list[torch.Tensor]) -> ChunkSums:
-    dsum, esum, nsum, psum, cross, js_mat, colsum, rowerr, bad = out
+def _finish(out: list[torch.Tensor], P: int) -> ChunkSums:
+    dsum, esum, nsum, psum, pesum, cross, js_mat, colsum, rowerr, bad = out
     finite = torch.tensor(bool((bad == 0).all()) and bool(torch.isfinite(psum).all()))
     return ChunkSums(dist=dsum, entropy=esum, negent=nsum, prefix=psum, cross=cross, js=js_mat, colsum=colsum,
-                     rowsum_err=rowerr.max(), finite=finite)
+                     rowsum_err=rowerr.max(), finite=finite, prefix_each=pesum[:, :, :P])
 
 
 def _ptrs(out: list[torch.Tensor], i: int) -> list[int]:
-    return [t[i].data_ptr() for t in out[:7]] + [out[7][i:].data_ptr(), out[8][i:].data_ptr()]
+    return [t[i].data_ptr() for t in out[:8]] + [out[8][i:].data_ptr(), out[9][i:].data_ptr()]
 
 
 def _lib_for(entry: str, shape: str, **tensors: torch.Tensor) -> ctypes.CDLL:
@@ -289,7 +291,7 @@ def logits_sums(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, 
     K = N - P
     x = logits.contiguous()
     dist = _padded_dist(lib, dist_rows, b, nq, K)
-    out = _outputs(b, H, K)
+    out = _outputs(b, H, K, P)
     flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
 
     def work(t0: int, t1: int, n: int) -> bool:
@@ -301,7 +303,7 @@ def logits_sums(logits: torch.Tensor, dist_rows: torch.Tensor, num_prefix: int, 
         return ok
 
     _run(_threads(b), work)
-    return _finish(out)
+    return _finish(out, P)
 
 
 def qk_sums(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float, num_prefix: int,
@@ -333,7 +335,7 @@ def qk_sums(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, sc
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
     dist = _padded_dist(lib, dist_rows, b, N - P, K)
-    out = _outputs(b, H, K)
+    out = _outputs(b, H, K, P)
     flags = (float(eps), int(renormalize), int(bool(js and H > 1)))
     qs, ks = q.stride(), k.stride()
     if mask is None:
@@ -350,7 +352,7 @@ def qk_sums(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, sc
                                   mp, mb, mh, mi, float(scale), D, dist.data_ptr(), db, H, N, P, *flags, *ptrs)
 
     _run(_threads(b), work, team=bool(lib.has_openmp()))
-    return _finish(out)
+    return _finish(out, P)
 
 
 def feature_gram_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,7 +141,7 @@ if triton is not None:
         return m_new, mn_new, r, n + tl.sum(tl.where(ok, 1.0, 0.0), 2)
 
     @triton.jit
-    def _stats_kernel(q_ptr, k_ptr, bias_ptr, dist_ptr, rows_ptr, cross_ptr, js_ptr, col_ptr,
+    def _stats_kernel(q_ptr, k_ptr, bias_ptr, dist_ptr, rows_ptr, cross_ptr, js_ptr, col_ptr, pe_ptr,
                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, sbb, sbh, sbn, sbm, sdw, sdr, sdc,
                       B, H, N, P, K, D, QB, NW, scale, inv_k, k_eps,
                       HAS_BIAS: tl.constexpr, HAS_PREFIX: tl.constexpr, DO_JS: tl.constexpr, LIB: tl.constexpr,
@@ -209,7 +209,12 @@ if triton is not None:
             if HAS_PREFIX:
                 if kb == 0:   # every prefix key is in the first block (BK > P): sum their exp directly
                     pk = (cols < P)[None, None, :] & row_ok[:, :, None]
-                    pref = tl.sum(tl.where(pk, _exp(tl.where(pk, s - ma[:, :, None], 0.0), LIB), 0.0), 2)
+                    ex = tl.where(pk, _exp(tl.where(pk, s - ma[:, :, None], 0.0), LIB), 0.0)
+                    pref = tl.sum(ex, 2)
+                    # each prefix token's share, summed over this block's queries (one row of columns < P)
+                    share = tl.where(pk, ex.to(tl.float64) / s_all[:, :, None], 0.0)
+                    tl.store(pe_ptr + ((b * QB + pid) * H + hr) * P + cols[None, :], tl.sum(share, 1),
+                             mask=(hr < H) & (cols[None, :] < P))
             pv = (cols >= P) & (cols < N)
             valid = row_ok[:, :, None] & pv[None, None, :]
             lpk = tl.where(valid, (s - m[:, :, None]) - off[:, :, None], 0.0)
@@ -358,21 +363,23 @@ def fused_chunk_stats(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | Non
     cross_p = torch.empty(B, QB, H_PAD, H_PAD, dtype=torch.float32, device=dev)
     js_p = torch.empty(B, QB, H_PAD, H_PAD, dtype=torch.float32, device=dev) if js and H > 1 else cross_p
     col_p = torch.empty(B, QB, H, K, dtype=torch.float32, device=dev)
+    pe_p = torch.zeros(B, QB, H, max(P, 1), dtype=torch.float64, device=dev)
     bptr = bias if bias is not None else q
     bstr = bias.stride() if bias is not None else (0, 0, 0, 0)
     lib = not _KERNEL_INTERPRETED
     _stats_kernel[(QB, B)](
-        q, k, bptr, dist32, rows, cross_p, js_p, col_p,
+        q, k, bptr, dist32, rows, cross_p, js_p, col_p, pe_p,
         *q.stride(), *k.stride(), *bstr, *dist32.stride(),
         B, H, N, P, K, d, QB, dist32.shape[0], float(scale), 1.0 / K, K * eps,
         HAS_BIAS=bias is not None, HAS_PREFIX=P > 0, DO_JS=bool(js and H > 1), LIB=lib,
         PREC="ieee" if q.dtype == torch.float32 else None,      # fp32: never TF32; 16-bit: the default
         XPREC="ieee" if _KERNEL_INTERPRETED else "tf32x3",       # the cross-term dot: ~float32 on tensor cores
         H_PAD=H_PAD, BQ=bq, BK=bk, BD=BD, num_warps=num_warps or 8)
-    return _reduce(rows, cross_p, js_p if js and H > 1 else None, col_p, H, K, renormalize)
+    return _reduce(rows, cross_p, js_p if js and H > 1 else None, col_p, pe_p[..., :P].sum(1), H, K, renormalize)
 
 
-def _reduce(rows: torch.Tensor, cross_p: torch.Tensor, js_p: torch.Tensor | None, col_p: torch.Tensor, H: int,
+def _reduce(rows: torch.Tensor, cross_p: torch.Tensor, js_p: torch.Tensor | None, col_p: torch.Tensor,
+            prefix_each: torch.Tensor, H: int,
             K: int, renormalize: bool) -> ChunkSums:
     """Per-row values and per-program partial sums -> the `ChunkSums` of `chunk_sums_tensors` (float64 sums)."""
     f64 = torch.float64
@@ -391,4 +398,4 @@ def _reduce(rows: torch.Tensor, cross_p: torch.Tensor, js_p: torch.Tensor | None
     finite = (bad == 0).all() & torch.isfinite(prefix).all()
     return ChunkSums(dist=dist.sum(-1), entropy=(math.log(K) - negent).sum(-1), negent=negent.sum(-1),
                      prefix=prefix.sum(-1), cross=cross, js=js_mat, colsum=col_p.to(f64).sum(1), rowsum_err=rowsum_err,
-                     finite=finite)
+                     finite=finite, prefix_each=prefix_each)
