@@ -109,3 +109,23 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"mimlab probe: error: --data {tmp_path / 'missing'}: no such file or directory"]
+
+
+def test_count_errors_come_before_any_model_is_built(folder, capsys, monkeypatch):
+    """CKA without a minibatch of 4, more maps than images, more images than the data: refused before a model is
+    built or an image is read (build_models is made to fail, so reaching it would show)."""
+    import mimlab.probe.run as run
+
+    def boom(cfg):
+        raise AssertionError("build_models was reached")
+
+    monkeypatch.setattr(run, "build_models", boom)
+    base = ["probe", "vit_tiny_patch16_224", "--model-kwargs", KW, "--workers", "0", "--quiet", "--data"]
+    msg = _err(capsys, base + ["builtin", "--images", "3", "--batch-size", "3"])
+    assert msg.startswith("mimlab probe: error: --batch-size 3 with 3 image(s) leaves CKA no minibatch of at least 4"), msg
+    assert "--no-cka" in msg
+    msg = _err(capsys, base + [str(folder), "--images", "6", "--batch-size", "3"])   # 3 + 3: no batch of 4
+    assert "--batch-size 3 with 6 image(s)" in msg
+    assert "--maps 5 asks for the maps of more images than the run has (4)" in _err(
+        capsys, base + ["builtin", "--images", "4", "--maps", "5"])
+    assert "holds only 10 images" in _err(capsys, base + [str(folder), "--images", "11"])

@@ -31,6 +31,23 @@ def _size(text: str) -> tuple[int, int]:
     return size
 
 
+def _images(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or 'all', got '{text}'") from None
+
+
+def _cell(text: str) -> tuple[int, int]:
+    try:
+        r, c = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROW,COL, got '{text}'") from None
+    return r, c
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
@@ -38,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="image folder (recursive, sorted by relative path), a .npy float32 N x 3 x H x W array "
                         "(already normalised), or builtin[:KIND] (held-out built-in images)")
-    p.add_argument("--images", type=int, default=256, help="use the first N images (default 256)")
+    p.add_argument("--images", type=_images, default=None, metavar="N|all",
+                   help="use the first N images, or all (default: the first 256, or all if the data holds fewer)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size = CKA minibatch size (default 32)")
     p.add_argument("--out", default=None, help="output directory for metrics.json, tables, figures, report.html")
     p.add_argument("--device", default="cpu")
@@ -75,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-kernel", default="auto", choices=["auto", "torch", "triton", "cpu"],
                    help="auto: the fused Triton kernel on CUDA, the fused C kernel on the CPU (compiled on first "
                         "use with the system C compiler), else the torch path")
+    p.add_argument("--maps", type=int, default=0, metavar="N",
+                   help="attention maps of the first N images: every head's attention of the prefix tokens and of "
+                        "chosen patch queries, and attention rollout, as PNGs in OUT/maps and in report.html")
+    p.add_argument("--map-query", action="append", type=_cell, default=[], metavar="ROW,COL",
+                   help="a patch query of the maps (grid row and column; repeatable; default: the centre patch)")
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -90,7 +113,7 @@ def config_from_args(args: argparse.Namespace):
                        kl_eps=args.kl_eps, nmi_norm=args.nmi_norm, cka=not args.no_cka,
                        cka_features=args.cka_features, bootstrap=args.bootstrap, stats_dtype=args.stats_dtype,
                        js=not args.no_js, compile=args.compile, kernel=args.stats_kernel,
-                       norm_outlier_k=args.norm_outlier_k)
+                       norm_outlier_k=args.norm_outlier_k, maps=args.maps, map_queries=tuple(args.map_query))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -91,6 +91,19 @@ def parse_model_spec(text: str, model_kwargs: dict[str, Any] | None = None) -> M
     return ModelSpec(label=label, arch=arch, checkpoint=ckpt, kwargs=dict(model_kwargs or {}))
 
 
+def check_arch(arch: str) -> None:
+    """Refuse a name timm does not know, suggesting the most similar names (difflib's ratio)."""
+    import difflib
+
+    import timm
+
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=6, cutoff=0.6)
+    hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+    raise MimlabError(f"unknown architecture '{arch}': not a timm model name{hint}")
+
+
 def create_model(arch: str, model_kwargs: dict[str, Any] | None = None, *, checkpoint: str | None = None,
                  checkpoint_format: str = "auto", drop_keys: tuple[str, ...] = (), allow_missing: tuple[str, ...] = (),
                  unused: tuple[str, ...] = (), resize_pos_embed: bool = False, num_classes: int | None = 0,
@@ -109,10 +122,7 @@ def create_model(arch: str, model_kwargs: dict[str, Any] | None = None, *, check
         kwargs.setdefault("num_classes", num_classes)
     if kwargs.pop("pretrained", False):
         raise MimlabError("pretrained=True would download weights from a hub; pass a local checkpoint with @PATH instead")
-    if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise MimlabError(f"unknown architecture '{arch}': not a timm model name{hint}")
+    check_arch(arch)
     try:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     except TypeError as e:

@@ -44,7 +44,7 @@ class ProbeConfig:
     # the job (run_probe)
     models: tuple[str, ...] = ()          # "[LABEL=]ARCH[@CHECKPOINT]" or "[LABEL=]hf:DIR"
     data: str = ""                        # image folder | .npy | builtin[:KIND]
-    images: int | None = 256              # the first N images (None: all)
+    images: int | str | None = None       # the first N images; "all"; None: the first 256 (all, if fewer)
     model_kwargs: tuple[str, ...] = ()    # "k=v,..." once for all models, or once per model
     checkpoint_format: str = "auto"
     out: str | None = None
@@ -68,6 +68,8 @@ class ProbeConfig:
     bootstrap: int = 200                  # Poisson bootstrap replicates for CIs (0 = none)
     ci_level: float = 0.95
     norm_outlier_k: float = 3.0           # high-norm patch tokens: norm > k x the image's median (token_norms)
+    maps: int = 0                         # attention maps and rollout of the first N images (attention_maps)
+    map_queries: tuple[tuple[int, int], ...] = ()   # patch queries (row, col) of the maps; default the centre
     # numerics (the same numbers, to float32 rounding, whatever is chosen)
     stats_dtype: str = "float32"          # dtype of the per-chunk attention math; sums are always float64
     chunk_elements: int = 1 << 22         # max logits per chunk on the torch path (memory bound)
@@ -80,6 +82,9 @@ class ProbeConfig:
             if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
                 raise ConfigError("img_size", f"must be N or (H, W) with positive integers, got {self.img_size!r}")
             object.__setattr__(self, "img_size", size)
+        object.__setattr__(self, "map_queries", tuple(tuple(int(v) for v in q) for q in self.map_queries))
+        if any(len(q) != 2 for q in self.map_queries):
+            raise ConfigError("map_queries", f"must be (row, col) pairs, got {self.map_queries!r}")
         for name in ("models", "model_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -90,12 +95,13 @@ class ProbeConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
-        for name, low in (("batch_size", 1), ("workers", 0), ("bootstrap", 0), ("chunk_elements", 1)):
+        for name, low in (("batch_size", 1), ("workers", 0), ("bootstrap", 0), ("chunk_elements", 1), ("maps", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
-        if self.images is not None and (not isinstance(self.images, int) or self.images < 1):
-            raise ConfigError("images", f"must be >= 1, got {self.images!r}")
+        if self.images not in (None, "all") and (not isinstance(self.images, int) or isinstance(self.images, bool)
+                                                 or self.images < 1):
+            raise ConfigError("images", f"must be an integer >= 1 or 'all', got {self.images!r}")
         if not (isinstance(self.kl_eps, (int, float)) and 0 < self.kl_eps < 1):
             raise ConfigError("kl_eps", f"must be in (0, 1), got {self.kl_eps!r}")
         if not (isinstance(self.norm_outlier_k, (int, float)) and self.norm_outlier_k > 1):
@@ -143,6 +149,8 @@ class ProbeResult:
     # label -> (R, L, M) bootstrap replicates of the layer means (mean over heads), METRICS order. The replicate
     # weights are shared by all models of a run, so differences between models are paired.
     replicates: dict[str, torch.Tensor] = field(default_factory=dict)
+    # label -> attention rows and rollout of the first `config.maps` images (`attention_maps.AttentionMaps.result`)
+    maps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -179,6 +187,19 @@ class ProbeResult:
                 with open(tmp, "wb") as f:
                     np.savez(f, **{k: v.numpy() for k, v in self.replicates.items()})
             paths["replicates"] = out / "replicates.npz"
+        if self.maps:
+            import numpy as np
+
+            from mimlab.utils.io import atomic_write_json
+
+            arrays = {f"{label}/{k}": v for label, m in self.maps.items() for k, v in m.items()
+                      if isinstance(v, np.ndarray)}
+            with atomic_path(out / "maps.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **arrays)
+            atomic_write_json(out / "maps.json", {label: {k: v for k, v in m.items() if not isinstance(v, np.ndarray)}
+                                                  for label, m in self.maps.items()})
+            paths["maps"] = out / "maps.npz"
         return paths
 
 
@@ -249,9 +270,27 @@ def probe(models: Mapping[str, nn.Module] | Sequence[ProbeModel], images, config
     return probe_pass(models, images, cfg, num_images=num_images)
 
 
+def check_counts(cfg: ProbeConfig, num_images: int | None) -> None:
+    """The checks a known number of images allows, made before any forward pass."""
+    if num_images is None:
+        return
+    if num_images < 1:
+        raise ConfigError("images", "is 0: there is nothing to probe")
+    if cfg.cka:
+        full, last = divmod(num_images, cfg.batch_size)
+        if not ((full and cfg.batch_size >= 4) or last >= 4):
+            raise ConfigError("batch_size", f"{cfg.batch_size} with {num_images} image(s) leaves CKA no minibatch of "
+                                            "at least 4 images (unbiased HSIC needs 4): use more images or a larger "
+                                            "batch, or turn CKA off (cka=False, --no-cka)")
+    if cfg.maps > num_images:
+        raise ConfigError("maps", f"{cfg.maps} asks for the maps of more images than the run has ({num_images})")
+
+
 @torch.inference_mode()
 def probe_pass(models, images, cfg: ProbeConfig, *, num_images: int | None = None) -> ProbeResult:
     """`probe` without its argument checks (`run_probe` passes its job config)."""
+    check_counts(cfg, num_images if num_images is not None else
+                 (images.shape[0] if isinstance(images, torch.Tensor) else None))
     dev = torch.device(cfg.device)
     pms = _as_probe_models(models)
     probes = []
@@ -307,9 +346,11 @@ def probe_pass(models, images, cfg: ProbeConfig, *, num_images: int | None = Non
     reps = {p.pm.label: p.layer_replicates() for p in probes}
     from mimlab.utils.provenance import provenance
 
+    maps = {p.pm.label: p.maps.result() for p in probes if p.maps is not None}
     return ProbeResult(num_images=seen, config=cfg, models=models_out, cka=cka_out, cka_info=cka_info,
                        seconds=seconds, provenance=provenance(device=str(dev), precision=cfg.precision),
-                       replicates={k: v for k, v in reps.items() if v is not None})
+                       replicates={k: v for k, v in reps.items() if v is not None},
+                       maps={k: v for k, v in maps.items() if v})
 
 
 def _cka_result(cka_acc: MinibatchCKA | None, probes: list[ModelProbe], layer_counts: list[int], cfg: ProbeConfig,

@@ -13,6 +13,7 @@ import torch
 
 from mimlab.errors import ConfigError, MimlabError
 from mimlab.probe.accumulate import StreamingMean, percentile_ci
+from mimlab.probe.attention_maps import AttentionMaps
 from mimlab.probe.attention_stats import METRICS, ChunkSums, finalize_image_stats
 from mimlab.probe.backends import StatsBackend
 from mimlab.probe.capture import CaptureError, SDPACall, capture_attention, capture_softmax
@@ -41,6 +42,13 @@ class ModelProbe:
         self.roles = tuple(self.adapter.info.get("prefix_roles") or ())
         self.norms = [TokenNormStats(self.adapter.num_prefix, self._block_grid(i), cfg.norm_outlier_k)
                       for i in range(len(self.blocks))]
+        self.maps: AttentionMaps | None = None
+        if cfg.maps and all(layer.geometry is None for layer in self.layers):
+            try:
+                self.maps = AttentionMaps(cfg.maps, self.adapter.num_prefix, tuple(self.adapter.info["grid"]),
+                                          len(self.layers), cfg.map_queries, self.roles)
+            except ValueError as e:
+                raise ConfigError("map_queries", f"{pm.label}: {e}") from None
         if cfg.cka_features == "cls" and self.adapter.num_prefix == 0:
             raise ConfigError("cka_features", f"cls needs a prefix token; {pm.label} has none")
 
@@ -61,6 +69,8 @@ class ModelProbe:
         with torch.autocast(t.device.type, enabled=False):
             li = self.index[name]
             self.batch_values[li] = self.layer_values(self.layers[li], self.dists[li], call)
+            if self.maps is not None:
+                self.maps.on_attention(li, call)
 
     def _check_shape(self, layer: AttentionLayer, call) -> None:
         sdpa = isinstance(call, SDPACall)
@@ -141,6 +151,8 @@ class ModelProbe:
         self.batch_grams = [None] * len(self.blocks)
         handles = [m.register_forward_hook(self.block_hook(i)) for i, (_, m) in enumerate(self.blocks)]
         modules = [(layer.name, layer.module) for layer in self.layers]
+        if self.maps is not None:
+            self.maps.start_batch(x)
         try:
             capture = capture_attention if self.adapter.capture == "sdpa" else capture_softmax
             with capture(modules, self.on_attention):
@@ -155,6 +167,8 @@ class ModelProbe:
         missing = [self.layers[i].name for i, v in enumerate(self.batch_values) if v is None]
         if missing:
             raise CaptureError(f"{self.pm.label}: no attention captured for {', '.join(missing)}")
+        if self.maps is not None:
+            self.maps.end_batch(x.shape[0])
         for li, v in enumerate(self.batch_values):
             if self.means[li] is None:
                 self.means[li] = StreamingMean(tuple(v.shape[1:]), bootstrap=self.cfg.bootstrap, seed=self.cfg.seed)
@@ -210,6 +224,7 @@ class ModelProbe:
                "family": self.adapter.family, **self.adapter.info,
                "uniform_distance_px": self.adapter.uniform_distance(),
                "max_rowsum_error": self.max_rowsum_err, "stats_kernel": "+".join(sorted(self.backend.used)),
+               **({"maps": "not available for window attention"} if self.cfg.maps and self.maps is None else {}),
                "layers": [self.layer_entry(li) for li in range(len(self.layers))]}
         out.update(pm.extra)
         return out

@@ -5,16 +5,18 @@ from __future__ import annotations
 import sys
 from functools import partial
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from mimlab.data.spec import is_builtin, parse_data_spec
 from mimlab.errors import ConfigError, MimlabError
-from mimlab.models.factory import ModelSpec, create_model, parse_model_kwargs, parse_model_spec
-from mimlab.probe.api import ProbeConfig, ProbeModel, ProbeResult, probe_pass
+from mimlab.models.factory import ModelSpec, check_arch, create_model, parse_model_kwargs, parse_model_spec
+from mimlab.probe.api import ProbeConfig, ProbeModel, ProbeResult, check_counts, probe_pass
 
 HF_PREFIX = "hf:"
+DEFAULT_IMAGES = 256                 # images probed when `images` is not given (fewer if the data has fewer)
 
 
 def model_specs(cfg: ProbeConfig) -> list[ModelSpec]:
@@ -38,6 +40,7 @@ def model_specs(cfg: ProbeConfig) -> list[ModelSpec]:
             if s.label == s.arch:    # default label: the directory name (a label may not contain '/')
                 s.label = HF_PREFIX + (Path(s.arch[len(HF_PREFIX):]).name or "model")
             continue
+        check_arch(s.arch)
         if s.checkpoint is not None and not Path(s.checkpoint).exists():
             raise MimlabError(f"{s.label}: checkpoint {s.checkpoint} does not exist")
     return specs
@@ -148,21 +151,59 @@ def _hf_data_config(model: torch.nn.Module, size) -> dict:
             "crop_pct": 1.0, "crop_mode": "center"}
 
 
-def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel]):
+@dataclass(frozen=True)
+class DataSource:
+    """What `--data` holds, read before any model is built: its kind, how many images the run takes, and the files
+    (folder) or the array (.npy) they come from."""
+    kind: str
+    count: int
+    files: list[Path] | None = None
+    array: torch.Tensor | None = None
+
+
+def data_source(cfg: ProbeConfig) -> DataSource:
+    from mimlab.data.images import list_images, load_npy
+
+    path = cfg.data
+    if is_builtin(path):
+        if cfg.images == "all":
+            raise ConfigError("images", "'all' has no meaning for built-in data (it has no end): give a number")
+        return DataSource("builtin", cfg.images or DEFAULT_IMAGES)
+    if path.endswith(".npy"):
+        x = load_npy(path)
+        n = _take(cfg.images, x.shape[0], path)
+        return DataSource("npy", n, array=x[:n])
+    files = list_images(path)
+    n = _take(cfg.images, len(files), path)
+    return DataSource("folder", n, files=files[:n])
+
+
+def _take(images: int | str | None, available: int, path: str) -> int:
+    """How many of `available` images a run takes: N (which must exist), all, or by default up to 256."""
+    if images == "all":
+        return available
+    if images is None:
+        return min(DEFAULT_IMAGES, available)
+    if images > available:
+        raise ConfigError("images", f"{images}: {path} holds only {available} images")
+    return images
+
+
+def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel], source: DataSource | None = None):
     """Return (iterable of batches with one tensor per model, number of images, data description)."""
     from torch.utils.data import DataLoader
 
-    from mimlab.data.images import MultiTransformImages, RepeatTensor, list_images, load_npy
+    from mimlab.data.images import MultiTransformImages, RepeatTensor
 
-    n = cfg.images
+    source = source or data_source(cfg)
     path = cfg.data
     transforms, cfgs = zip(*(_transform_for(pm.model) for pm in models))
-    if is_builtin(path):
+    if source.kind == "builtin":
         from mimlab.data.synthetic import SyntheticImages
 
         spec = parse_data_spec(path, defaults={})     # builtin[:KIND][?classes=..&seed=..]; unset keys below
         kind = spec.params["kind"]
-        count = n or 256
+        count = source.count
         classes = spec.params.get("classes", min(count, 16))
         size = spec.params.get("size", max(max(c["input_size"][1:]) for c in cfgs))
         # held-out images: indices far from any training set made with the defaults
@@ -170,11 +211,8 @@ def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel]):
                              seed=spec.params.get("seed", cfg.seed), offset=1_000_000)
         dataset = MultiTransformImages(range(count), transforms, load=partial(_synthetic_image, ds))
         desc = {"kind": "builtin", "generator": kind, "classes": classes, "size": size, "offset": 1_000_000}
-    elif path.endswith(".npy"):
-        x = load_npy(path)
-        if n is not None and n > x.shape[0]:
-            raise ConfigError("images", f"{n}: {path} holds only {x.shape[0]} images")
-        x = x[: n or x.shape[0]]
+    elif source.kind == "npy":
+        x = source.array
         for pm, dcfg in zip(models, cfgs):
             want = tuple(dcfg["input_size"][1:])
             if tuple(x.shape[2:]) != want:
@@ -183,10 +221,7 @@ def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel]):
         dataset = RepeatTensor(x, len(models))
         desc = {"kind": "npy", "path": str(Path(path).resolve()), "shape": list(x.shape)}
     else:
-        files = list_images(path)
-        if n is not None and n > len(files):
-            raise ConfigError("images", f"{n}: {path} holds only {len(files)} images")
-        files = files[: n or len(files)]
+        files = source.files
         dataset = MultiTransformImages(files, transforms)
         desc = {"kind": "folder", "path": str(Path(path).resolve()), "first_file": str(files[0]),
                 "last_file": str(files[-1])}
@@ -214,13 +249,16 @@ def run_probe(cfg: ProbeConfig) -> tuple[ProbeResult, dict[str, Any]]:
         parse_data_spec(cfg.data, defaults={})          # its grammar, before building models
     elif not Path(cfg.data).exists():                   # fail before building models
         raise ConfigError("data", f"{cfg.data}: no such file or directory")
+    model_specs(cfg)                                    # names, labels, checkpoints present
+    source = data_source(cfg)                           # counts and lists the data before building models
+    check_counts(cfg, source.count)
     torch.manual_seed(cfg.seed)
     models = build_models(cfg)
     for pm in models:
         if pm.random_init:
             print(f"WARNING: {pm.label} has no checkpoint: RANDOM INITIALISATION (seed {cfg.seed}); "
                   "its numbers describe an untrained network", file=sys.stderr)
-    loader, n, desc = make_batches(cfg, models)
+    loader, n, desc = make_batches(cfg, models, source)
     result = probe_pass(models, loader, cfg, num_images=n)
     result.provenance["data"] = desc
     paths: dict[str, Any] = {}

@@ -218,7 +218,29 @@ def provenance_html(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------------------------
-def report_html(result: dict, figures: dict[str, Path], title: str = "mimlab probe report") -> str:
+def maps_html(maps: dict[str, list[Path]], out_dir: Path | None) -> str:
+    """The attention-map section: per model, the first image's maps of its first query and its rollout inline,
+    every other PNG linked (relative to the report)."""
+    if not maps:
+        return ""
+    parts = ["<h2>Attention maps</h2>",
+             "<p>From the same capture as the statistics (no second forward). Each panel: one head's attention of "
+             "the query to the patch tokens, over the image; rollout: Abnar &amp; Zuidema (2020). All files under "
+             "<code>maps/</code>.</p>"]
+    for label, paths in maps.items():
+        first = [p for p in paths if "_img0_" in p.name]
+        shown = first[:1] + [p for p in first if p.name.endswith("_rollout.png")]
+        parts.append(f"<h3>{esc(label)}</h3>")
+        for p in shown:
+            parts.append(f'<figure><img src="{png_data_uri(p)}" alt="{esc(p.name)}">'
+                         f"<figcaption>{esc(p.name)}</figcaption></figure>")
+        rel = [p.relative_to(out_dir).as_posix() if out_dir is not None else p.name for p in paths]
+        parts.append("<p>" + ", ".join(f'<a href="{esc(r)}">{esc(Path(r).name)}</a>' for r in rel) + "</p>")
+    return "\n".join(parts)
+
+
+def report_html(result: dict, figures: dict[str, Path], title: str = "mimlab probe report",
+                maps: dict[str, list[Path]] | None = None, out_dir: Path | None = None) -> str:
     """The report as one HTML5 string."""
     T.check_result(result)
     n_models = len(T.models(result))
@@ -248,6 +270,7 @@ def report_html(result: dict, figures: dict[str, Path], title: str = "mimlab pro
         summary_table(result),
         "<h2>Figures</h2>",
         figures_html(figures, result),
+        maps_html(maps or {}, out_dir),
         "<h2>CKA configuration</h2>",
         _kv_table(cka_cfg) if cka_cfg else "<p>CKA was not computed.</p>",
         "<h2>Probe conventions</h2>",
@@ -261,14 +284,14 @@ def report_html(result: dict, figures: dict[str, Path], title: str = "mimlab pro
 
 
 def write_report(result: dict, out_dir: str | os.PathLike, figures: dict[str, Path] | None = None,
-                 title: str = "mimlab probe report") -> Path:
+                 title: str = "mimlab probe report", maps: dict[str, list[Path]] | None = None) -> Path:
     """Write ``out_dir/report.html``. ``figures=None`` draws them first into ``out_dir/figures``; ``{}`` means none."""
     out = Path(out_dir)
     if figures is None:
         from mimlab.report.figures import make_figures
 
         figures = make_figures(result, out / "figures")
-    text = report_html(result, figures, title=title)
+    text = report_html(result, figures, title=title, maps=maps, out_dir=out)
     path = out / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -283,6 +306,9 @@ def render_all(result: dict, out_dir: str | os.PathLike) -> dict[str, Any]:
     out = Path(out_dir)
     T.check_result(result)
     paths_tables = T.write_tables(result, out)
+    from mimlab.report.maps import write_map_figures
+
     figs = make_figures(result, out / "figures")
-    report = write_report(result, out, figures=figs)
-    return {"tables": paths_tables, "figures": figs, "report": report}
+    maps = write_map_figures(result, out)
+    report = write_report(result, out, figures=figs, maps=maps)
+    return {"tables": paths_tables, "figures": figs, "maps": maps, "report": report}
