@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints the message on one line and exits 2."""
+"""User-facing errors: the CLI prints the message on one line and exits 2 (75 for `Preempted`)."""
 from __future__ import annotations
 
 import re
@@ -22,6 +22,13 @@ class ConfigError(MimlabError):
 
     def __reduce__(self):       # pickled (torch.distributed broadcast) with its parameter name, not the message only
         return type(self), (self.param, self.detail)
+
+
+class Preempted(MimlabError):
+    """Training stopped on a pre-emption signal (SIGTERM, SIGUSR1) after writing its checkpoint; the same command
+    resumes it. The CLI exits with `EXIT_CODE` (75, EX_TEMPFAIL: "try again later")."""
+
+    EXIT_CODE = 75
 
 
 def clean_worker_message(e: BaseException) -> str:

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from mimlab import __version__
-from mimlab.errors import ConfigError, MimlabError
+from mimlab.errors import ConfigError, MimlabError, Preempted
 
 # verb -> (module, one-line help). Order is the pipeline order.
 VERBS: dict[str, tuple[str, str]] = {
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mimlab {args.verb}: error: {flag_message(e, args._flags)}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"mimlab {args.verb}: {e}", file=sys.stderr)
+        return Preempted.EXIT_CODE
     except MimlabError as e:
         print(f"mimlab {args.verb}: error: {e}", file=sys.stderr)
         return 2

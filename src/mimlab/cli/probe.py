@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     result, paths = run_probe(cfg)
+    if result.rank != 0:                      # torchrun / srun: rank 0 writes and prints
+        return 0
     if cfg.out and cfg.report:
         from mimlab.report import write_probe_report
 

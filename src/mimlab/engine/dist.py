@@ -1,4 +1,5 @@
-"""Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+"""Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or SLURM's
+for tasks started by `srun` (`slurm_environment`).
 
 The same command runs as one plain process or under ``torchrun --nproc_per_node N`` (any number of nodes):
 with WORLD_SIZE > 1 a process group is created (nccl on CUDA, gloo on CPU) and torn down at the end.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -45,8 +46,46 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def slurm_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """torchrun's variables from SLURM's, for a task launched by `srun` (none when torchrun's are set, or outside an
+    srun step: an sbatch script itself is one process even when the job has several tasks).
+
+    RANK = SLURM_PROCID, WORLD_SIZE = SLURM_STEP_NUM_TASKS, LOCAL_RANK = SLURM_LOCALID; MASTER_ADDR (unless set):
+    127.0.0.1 for a one-node step, else the first host of SLURM_STEP_NODELIST (`scontrol show hostnames`); MASTER_PORT
+    (unless set): 20000 + (job id x 7 + step id) mod 20000, the same in every task of the step."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return {}
+    world = int(env["SLURM_STEP_NUM_TASKS"])
+    if world <= 1:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in env:
+        if int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1"))) <= 1:
+            out["MASTER_ADDR"] = "127.0.0.1"
+        else:
+            import subprocess
+
+            nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+            try:
+                hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                       check=True, timeout=30).stdout.split()
+            except (OSError, subprocess.SubprocessError):
+                hosts = []
+            if not hosts:
+                raise ConfigError("MASTER_ADDR", f"is not set and the first host of {nodes!r} could not be read "
+                                                 "with `scontrol show hostnames`: export MASTER_ADDR=<rank 0's host>")
+            out["MASTER_ADDR"] = hosts[0]
+    if "MASTER_PORT" not in env:
+        job, step = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_STEP_ID", "0") or 0)
+        out["MASTER_PORT"] = str(20000 + (job * 7 + step) % 20000)
+    return out
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
-    """Read torchrun's variables and initialise the process group if needed; pins the CUDA device."""
+    """Read torchrun's variables (or SLURM's, see `slurm_environment`) and initialise the process group if needed;
+    pins the CUDA device."""
+    os.environ.update(slurm_environment())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -21,11 +21,12 @@ from mimlab.engine.dist import (DistInfo, all_gather_objects, all_reduce_mean, b
                                 setup_distributed, teardown_distributed)
 from mimlab.engine.logger import RunLogger
 from mimlab.engine.optim import build_adamw, param_groups_weight_decay
+from mimlab.engine.preempt import SIGNALS, PreemptionWatch, marker_path, write_marker
 from mimlab.engine.sampler import SeededDataset, StepBatchSampler, mix_seed
 from mimlab.engine.schedule import SCHEDULES, lr_at
 from mimlab.engine.state import (capture_rng, checkpoint_path, guard_out_dir, identity_diff, load_checkpoint,
                                  restore_rng, save_checkpoint)
-from mimlab.errors import ConfigError, MimlabError, clean_worker_message
+from mimlab.errors import ConfigError, MimlabError, Preempted, clean_worker_message
 
 LossFn = Callable[[nn.Module, Any], Any]
 SKIPPED_KEY = "_skipped"  # optional per-sample count in dict batches: unreadable inputs replaced by the dataset
@@ -157,10 +158,22 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
     validate_config(cfg)
     info = setup_distributed(cfg.device)
     try:
-        with numerics(cfg.deterministic, info.device):
-            return _train(model, loss_fn, dataset, cfg, info, collate_fn, param_groups, callbacks, extra_state)
+        with numerics(cfg.deterministic, info.device), PreemptionWatch() as watch:
+            return _train(model, loss_fn, dataset, cfg, info, collate_fn, param_groups, callbacks, extra_state,
+                          watch)
     finally:
         teardown_distributed(info)
+
+
+def _agreed_signal(watch: PreemptionWatch | None, info: DistInfo) -> str | None:
+    """The pre-emption signal any rank received (all ranks stop at the same step), or None."""
+    if watch is None:
+        return None
+    if not info.distributed:
+        return watch.requested
+    code = torch.tensor([SIGNALS.index(watch.requested) + 1 if watch.requested else 0], device=info.device)
+    torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+    return SIGNALS[int(code) - 1] if int(code) else None
 
 
 @contextlib.contextmanager
@@ -188,7 +201,8 @@ def numerics(deterministic: bool, device: torch.device) -> Any:
 
 def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig, info: DistInfo,
            collate_fn: Callable | None, param_groups: list[dict[str, Any]] | None,
-           callbacks: Iterable[Callback], extra_state: dict[str, Any] | None) -> TrainResult:
+           callbacks: Iterable[Callback], extra_state: dict[str, Any] | None,
+           watch: PreemptionWatch | None = None) -> TrainResult:
     t_start = time.perf_counter()
     device = info.device
     out = Path(cfg.out_dir)
@@ -264,6 +278,8 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
         run_notes["resumed_from_step"] = start_step
         run_notes["checkpoint_extra"] = state.get("extra")
         del state  # the CPU copies of weights and optimizer state are no longer needed
+        if info.is_main:
+            marker_path(resume_path).unlink(missing_ok=True)      # a pre-empted run is running again
         if info.is_main:
             print(f"resuming from {resume_path} at step {start_step}/{cfg.steps}", file=sys.stderr)
     elif cfg.resume and info.is_main:
@@ -446,6 +462,16 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
                 run_callbacks(done, final=done == cfg.steps)
             if cb_due or done == cfg.steps:
                 t_mark = time.perf_counter()
+            signal_name = _agreed_signal(watch, info)
+            if signal_name is not None and done < cfg.steps:
+                flush()
+                if not save_due:
+                    save(done)
+                if info.is_main:
+                    write_marker(ckpt_path, done, signal_name)
+                barrier(info)
+                raise Preempted(f"stopped by {signal_name} at step {done}/{cfg.steps}: checkpoint {ckpt_path}; "
+                                f"the same command resumes it (exit {Preempted.EXIT_CODE})")
             if stop and done < cfg.steps:
                 result.stopped_early = True
                 break

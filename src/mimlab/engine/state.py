@@ -5,6 +5,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -167,6 +168,13 @@ def guard_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool, owned: 
         return None
     if ckpt.exists():
         if resume:
+            return ckpt
+        from mimlab.engine.preempt import read_marker
+
+        stopped = read_marker(ckpt)
+        if stopped is not None and not overwrite:       # pre-empted: the same command continues it
+            print(f"{out} holds a run stopped by {stopped.get('signal')} at step {stopped.get('step')}: resuming it",
+                  file=sys.stderr)
             return ckpt
         raise ConfigError("out_dir", f"{out} already holds a run's checkpoint ({ckpt}); pass resume=True (--resume) "
                                      "to continue it or overwrite=True (--overwrite) to replace it")

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from mimlab.engine.dist import DistInfo
 from mimlab.errors import ConfigError, MimlabError, clean_worker_message
 from mimlab.models.checkpoints import FORMATS as CHECKPOINT_FORMATS
 from mimlab.probe.accumulate import StreamingMean
@@ -151,6 +152,7 @@ class ProbeResult:
     replicates: dict[str, torch.Tensor] = field(default_factory=dict)
     # label -> attention rows and rollout of the first `config.maps` images (`attention_maps.AttentionMaps.result`)
     maps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rank: int = 0                         # this process's rank in a multi-process run (only rank 0 writes)
 
     @property
     def images_per_second(self) -> float:
@@ -287,10 +289,23 @@ def check_counts(cfg: ProbeConfig, num_images: int | None) -> None:
 
 
 @torch.inference_mode()
-def probe_pass(models, images, cfg: ProbeConfig, *, num_images: int | None = None) -> ProbeResult:
-    """`probe` without its argument checks (`run_probe` passes its job config)."""
-    check_counts(cfg, num_images if num_images is not None else
-                 (images.shape[0] if isinstance(images, torch.Tensor) else None))
+def probe_pass(models, images, cfg: ProbeConfig, *, num_images: int | None = None,
+               dist: DistInfo | None = None) -> ProbeResult:
+    """`probe` without its argument checks (`run_probe` passes its job config).
+
+    `dist` (several processes, `mimlab.probe.distributed`): `images` is then this rank's batches only (a tensor
+    holds the whole run and is cut here), and `num_images` the whole run's count."""
+    total = num_images if num_images is not None else (images.shape[0] if isinstance(images, torch.Tensor) else None)
+    check_counts(cfg, total)
+    plan = None
+    if dist is not None and dist.distributed:
+        from mimlab.probe.distributed import BatchPlan
+
+        if total is None:
+            raise ConfigError("num_images", "is needed to split the images across processes")
+        plan = BatchPlan.make(total, cfg.batch_size, dist.rank, dist.world_size)
+        if isinstance(images, torch.Tensor):
+            images = [images[plan.offsets[b]:plan.offsets[b] + plan.sizes[b]] for b in plan.mine]
     dev = torch.device(cfg.device)
     pms = _as_probe_models(models)
     probes = []
@@ -302,24 +317,36 @@ def probe_pass(models, images, cfg: ProbeConfig, *, num_images: int | None = Non
     autocast = None
     if cfg.precision in ("bf16", "fp16"):
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-    total = num_images if num_images is not None else (images.shape[0] if isinstance(images, torch.Tensor) else None)
     layer_counts = [len(p.blocks) for p in probes]
     cka_acc = MinibatchCKA(sum(layer_counts)) if cfg.cka else None
     weight_gen = StreamingMean((1,), bootstrap=cfg.bootstrap, seed=cfg.seed + 1) if cfg.bootstrap else None
     bar = None
-    if cfg.progress:
+    if cfg.progress and (plan is None or dist.is_main):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, unit="img", desc="probe", dynamic_ncols=True)
+        share = total if plan is None else sum(plan.sizes[g] for g in plan.mine)
+        bar = tqdm(total=share, unit="img", dynamic_ncols=True,
+                   desc="probe" if plan is None else f"probe (rank 0 of {dist.world_size})")
     seen = 0
     t0 = time.perf_counter()
     # tiny probabilities are denormal floats, which are 10-100x slower on x86; they contribute < 1e-38 anyway
     flushed = dev.type == "cpu" and torch.set_flush_denormal(True)
     try:
-        for batch in _batches(images, cfg.batch_size, len(probes)):
+        drawn = 0                                       # global batches whose bootstrap weights are drawn
+        for i, batch in enumerate(_batches(images, cfg.batch_size, len(probes))):
             if len(batch) != len(probes):
                 raise MimlabError(f"each batch must hold one tensor per model ({len(probes)}), got {len(batch)}")
             b = batch[0].shape[0]
+            offset = seen
+            if plan is not None:                        # other ranks' batches: draw (and drop) their weights
+                g = plan.mine[i]
+                offset = plan.offsets[g]
+                if b != plan.sizes[g]:
+                    raise MimlabError(f"batch {g} holds {b} images, the plan {plan.sizes[g]}")
+                for skipped in range(drawn, g):
+                    if weight_gen is not None:
+                        weight_gen.draw_weights(plan.sizes[skipped])
+                drawn = g + 1
             weights = weight_gen.draw_weights(b) if weight_gen is not None else None
             for p, x in zip(probes, batch):
                 x = x.to(dev, non_blocking=True)
@@ -327,7 +354,7 @@ def probe_pass(models, images, cfg: ProbeConfig, *, num_images: int | None = Non
                 if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                     raise MimlabError(f"input images {seen}..{seen + b - 1} (for model {p.pm.label}) hold NaN or inf "
                                       "values; the probe needs finite, normalised pixels")
-                p.run_batch(x, weights, autocast)
+                p.run_batch(x, weights, autocast, offset)
             if cka_acc is not None:
                 cka_acc.update(torch.cat([torch.stack(p.batch_grams) for p in probes], 0))
             seen += b
@@ -338,9 +365,17 @@ def probe_pass(models, images, cfg: ProbeConfig, *, num_images: int | None = Non
             torch.set_flush_denormal(False)
         if bar is not None:
             bar.close()
+    seconds = time.perf_counter() - t0
+    if plan is not None:
+        from mimlab.probe.distributed import reduce_probes
+
+        if seen != sum(plan.sizes[g] for g in plan.mine):
+            raise MimlabError(f"rank {dist.rank} probed {seen} images, its share of the plan is "
+                              f"{sum(plan.sizes[g] for g in plan.mine)}")
+        reduce_probes(probes, cka_acc, dist)
+        seen = total
     if seen == 0:
         raise MimlabError("no images to probe")
-    seconds = time.perf_counter() - t0
     cka_out, cka_info = _cka_result(cka_acc, probes, layer_counts, cfg, seen)
     models_out = {p.pm.label: p.to_dict() for p in probes}
     reps = {p.pm.label: p.layer_replicates() for p in probes}

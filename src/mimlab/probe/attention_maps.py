@@ -39,20 +39,20 @@ class AttentionMaps:
         # token index of every query: the prefix tokens, then the chosen patches (row-major after the prefix)
         self.index = list(range(self.P)) + [self.P + r * grid[1] + c for r, c in self.queries]
         self.roles = tuple(roles)
-        self.seen = 0                                     # images of the run before this batch
-        self.rows: list[list[torch.Tensor]] = []          # per batch: per layer (n, H, Q, N)
+        self.offset = 0                                   # index of this batch's first image in the run
+        self.batches: list[dict[str, Any]] = []           # per batch: offset, rows per layer (n, H, Q, N), ...
         self.mean: list[torch.Tensor | None] = [None] * self.L    # this batch: head-mean attention (n, N, N)
-        self.images: list[torch.Tensor] = []
 
     def wanted(self, batch: int) -> int:
-        """How many images of a batch of `batch` images still need maps."""
-        return max(0, min(batch, self.count - self.seen))
+        """How many images of this batch (of `batch` images) still need maps."""
+        return max(0, min(batch, self.count - self.offset))
 
-    def start_batch(self, x: torch.Tensor) -> None:
+    def start_batch(self, x: torch.Tensor, offset: int) -> None:
+        self.offset = int(offset)
         n = self.wanted(x.shape[0])
         if n:
-            self.images.append(x[:n].detach().to("cpu", torch.float32))
-            self.rows.append([None] * self.L)
+            self.batches.append({"offset": self.offset, "images": x[:n].detach().to("cpu", torch.float32),
+                                 "rows": [None] * self.L})
             self.mean = [None] * self.L
 
     def on_attention(self, li: int, call) -> None:
@@ -71,31 +71,36 @@ class AttentionMaps:
         else:
             logits = call.logits[:n].to(torch.float64)
         attn = torch.softmax(logits, dim=-1)                                   # (n, H, N, N)
-        self.rows[-1][li] = attn[:, :, self.index].to(torch.float32).cpu()
+        self.batches[-1]["rows"][li] = attn[:, :, self.index].to(torch.float32).cpu()
         self.mean[li] = attn.mean(1).cpu()
 
     def end_batch(self, batch: int) -> None:
-        n = self.wanted(batch)
-        if n:
+        if self.wanted(batch):
             roll = None
             for a in self.mean:
                 a = 0.5 * (a + torch.eye(a.shape[-1], dtype=a.dtype))
                 a = a / a.sum(-1, keepdim=True)
                 roll = a if roll is None else a @ roll
-            self.rollout = getattr(self, "rollout", [])
-            self.rollout.append(roll[:, self.index].to(torch.float32))
+            self.batches[-1]["rollout"] = roll[:, self.index].to(torch.float32)
             self.mean = [None] * self.L
-        self.seen += batch
+
+    def parts(self) -> list[dict[str, Any]]:
+        """What this process collected (for `merge` on another)."""
+        return self.batches
+
+    def merge(self, parts: list[list[dict[str, Any]]]) -> None:
+        """The batches of every process, in image order."""
+        self.batches = sorted((b for part in parts for b in part), key=lambda b: b["offset"])
 
     def result(self) -> dict[str, Any]:
         """Arrays for maps.npz: rows (n, L, H, Q, N), rollout (n, Q, N), the images the model saw (n, 3, h, w, as
         fed: normalised), and what the queries are."""
-        if not self.rows:
+        if not self.batches:
             return {}
-        rows = torch.cat([torch.stack(b, dim=1) for b in self.rows], 0)
+        rows = torch.cat([torch.stack(b["rows"], dim=1) for b in self.batches], 0)
         roles = list(self.roles) if len(self.roles) == self.P else ["prefix"] * self.P
         names = [role if roles.count(role) == 1 else f"{role} {roles[:j + 1].count(role)}"
                  for j, role in enumerate(roles)] + [f"patch ({r}, {c})" for r, c in self.queries]
-        return {"rows": rows.numpy(), "rollout": torch.cat(self.rollout, 0).numpy(),
-                "images": torch.cat(self.images, 0).numpy(), "queries": names, "query_index": self.index,
-                "num_prefix": self.P, "grid": list(self.grid)}
+        return {"rows": rows.numpy(), "rollout": torch.cat([b["rollout"] for b in self.batches], 0).numpy(),
+                "images": torch.cat([b["images"] for b in self.batches], 0).numpy(), "queries": names,
+                "query_index": self.index, "num_prefix": self.P, "grid": list(self.grid)}

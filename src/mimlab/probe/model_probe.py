@@ -146,13 +146,15 @@ class ModelProbe:
         return hook
 
     # -- per batch ----------------------------------------------------------------------------------------------
-    def run_batch(self, x: torch.Tensor, weights: torch.Tensor | None, autocast: torch.autocast | None) -> None:
+    def run_batch(self, x: torch.Tensor, weights: torch.Tensor | None, autocast: torch.autocast | None,
+                  offset: int = 0) -> None:
+        """One batch whose first image is image `offset` of the run."""
         self.batch_values = [None] * len(self.layers)
         self.batch_grams = [None] * len(self.blocks)
         handles = [m.register_forward_hook(self.block_hook(i)) for i, (_, m) in enumerate(self.blocks)]
         modules = [(layer.name, layer.module) for layer in self.layers]
         if self.maps is not None:
-            self.maps.start_batch(x)
+            self.maps.start_batch(x, offset)
         try:
             capture = capture_attention if self.adapter.capture == "sdpa" else capture_softmax
             with capture(modules, self.on_attention):

@@ -2,11 +2,12 @@
 built-in generators, one streaming pass (`api.probe_pass`), metrics.json on disk."""
 from __future__ import annotations
 
+import dataclasses
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -14,6 +15,9 @@ from mimlab.data.spec import is_builtin, parse_data_spec
 from mimlab.errors import ConfigError, MimlabError
 from mimlab.models.factory import ModelSpec, check_arch, create_model, parse_model_kwargs, parse_model_spec
 from mimlab.probe.api import ProbeConfig, ProbeModel, ProbeResult, check_counts, probe_pass
+
+if TYPE_CHECKING:
+    from mimlab.probe.distributed import BatchPlan
 
 HF_PREFIX = "hf:"
 DEFAULT_IMAGES = 256                 # images probed when `images` is not given (fewer if the data has fewer)
@@ -62,7 +66,8 @@ def _img_size_kwargs(cfg: ProbeConfig, spec: ModelSpec) -> dict[str, Any]:
     return {"img_size": cfg.img_size}
 
 
-def build_models(cfg: ProbeConfig) -> list[ProbeModel]:
+def build_models(cfg: ProbeConfig, quiet: bool = False) -> list[ProbeModel]:
+    say = (lambda line: None) if quiet else print     # other ranks of a multi-process run stay quiet
     out = []
     for spec in model_specs(cfg):
         if spec.arch.startswith(HF_PREFIX):
@@ -74,7 +79,7 @@ def build_models(cfg: ProbeConfig) -> list[ProbeModel]:
                 model.mimlab_input_size = cfg.img_size
                 info["img_size_requested"] = list(cfg.img_size)
             if info.get("unused_keys"):
-                print(f"{spec.label}: the probe does not use the directory's {_head_text(info['unused_keys'])}")
+                say(f"{spec.label}: the probe does not use the directory's {_head_text(info['unused_keys'])}")
             out.append(ProbeModel(label=spec.label, model=model, arch=spec.arch, checkpoint=str(Path(path).resolve()),
                                   random_init=False, extra=info))
             continue
@@ -94,10 +99,10 @@ def build_models(cfg: ProbeConfig) -> list[ProbeModel]:
             if line:
                 extra["checkpoint_unused"] = {"dropped": report.unused_dropped, "left_at_init": report.unused_at_init,
                                               "reason": "after the last block: the probe does not read it"}
-                print(f"{spec.label}: {line} (after the last block: the probe does not read it)")
+                say(f"{spec.label}: {line} (after the last block: the probe does not read it)")
             if report.resized:
                 extra["checkpoint_resized"] = report.resized
-                print(f"{spec.label}: resampled {', '.join(report.resized)} to the requested input size")
+                say(f"{spec.label}: resampled {', '.join(report.resized)} to the requested input size")
         out.append(ProbeModel(label=spec.label, model=model, arch=spec.arch, checkpoint=spec.checkpoint,
                               checkpoint_sha256=report.sha256 if report is not None else None,
                               random_init=spec.checkpoint is None, extra=extra))
@@ -189,8 +194,10 @@ def _take(images: int | str | None, available: int, path: str) -> int:
     return images
 
 
-def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel], source: DataSource | None = None):
-    """Return (iterable of batches with one tensor per model, number of images, data description)."""
+def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel], source: DataSource | None = None,
+                 plan: "BatchPlan | None" = None):
+    """Return (iterable of batches with one tensor per model, number of images, data description); with a `plan`
+    (several processes), the batches are this rank's only and the number is the whole run's."""
     from torch.utils.data import DataLoader
 
     from mimlab.data.images import MultiTransformImages, RepeatTensor
@@ -226,8 +233,11 @@ def make_batches(cfg: ProbeConfig, models: Sequence[ProbeModel], source: DataSou
         desc = {"kind": "folder", "path": str(Path(path).resolve()), "first_file": str(files[0]),
                 "last_file": str(files[-1])}
     desc["transforms"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in c.items()} for c in cfgs]
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-                        pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
+    batching: dict[str, Any] = {"batch_size": cfg.batch_size, "shuffle": False}
+    if plan is not None:
+        batching = {"batch_sampler": plan.indices()}
+    loader = DataLoader(dataset, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"),
+                        persistent_workers=False, **batching)
     return loader, len(dataset), desc
 
 
@@ -252,19 +262,34 @@ def run_probe(cfg: ProbeConfig) -> tuple[ProbeResult, dict[str, Any]]:
     model_specs(cfg)                                    # names, labels, checkpoints present
     source = data_source(cfg)                           # counts and lists the data before building models
     check_counts(cfg, source.count)
-    torch.manual_seed(cfg.seed)
-    models = build_models(cfg)
-    for pm in models:
-        if pm.random_init:
-            print(f"WARNING: {pm.label} has no checkpoint: RANDOM INITIALISATION (seed {cfg.seed}); "
-                  "its numbers describe an untrained network", file=sys.stderr)
-    loader, n, desc = make_batches(cfg, models, source)
-    result = probe_pass(models, loader, cfg, num_images=n)
-    result.provenance["data"] = desc
-    paths: dict[str, Any] = {}
-    if cfg.out:
-        paths = result.save(cfg.out)
-    return result, paths
+    from mimlab.engine.dist import setup_distributed, teardown_distributed
+
+    info = setup_distributed(cfg.device)              # torchrun's or SLURM's variables; one process without them
+    try:
+        plan = None
+        if info.distributed:
+            from mimlab.probe.distributed import BatchPlan
+
+            plan = BatchPlan.make(source.count, cfg.batch_size, info.rank, info.world_size)
+            cfg = dataclasses.replace(cfg, device=str(info.device), progress=cfg.progress and info.is_main)
+        torch.manual_seed(cfg.seed)
+        models = build_models(cfg, quiet=not info.is_main)
+        for pm in models:
+            if pm.random_init and info.is_main:
+                print(f"WARNING: {pm.label} has no checkpoint: RANDOM INITIALISATION (seed {cfg.seed}); "
+                      "its numbers describe an untrained network", file=sys.stderr)
+        loader, n, desc = make_batches(cfg, models, source, plan)
+        result = probe_pass(models, loader, cfg, num_images=n, dist=info)
+        result.provenance["data"] = desc
+        result.provenance["processes"] = {"world_size": info.world_size, "backend": info.backend,
+                                          "batches": "round-robin" if info.distributed else "all"}
+        result.rank = info.rank
+        paths: dict[str, Any] = {}
+        if cfg.out and info.is_main:                   # only rank 0 writes
+            paths = result.save(cfg.out)
+        return result, paths
+    finally:
+        teardown_distributed(info)
 
 
 def summary_lines(result: ProbeResult) -> list[str]:
