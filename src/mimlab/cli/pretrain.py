@@ -85,11 +85,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
                    help="unreadable image files: stop naming the file, or skip them (counted)")
     o.add_argument("--log-every", type=int, default=10, help="host sync/progress interval (the CSV has every step)")
-    o.add_argument("--no-tensorboard", action="store_true")
+    o.add_argument("--tracker", action="append", default=None, choices=TRACKER_NAMES, dest="trackers",
+                   help="where the scalars, config and online-probe statistics go besides metrics.csv (repeatable; "
+                        "default tensorboard; wandb and mlflow need mimlab[wandb] / mimlab[mlflow]); csv: the CSV only")
+    o.add_argument("--no-tensorboard", action="store_true", help="deprecated: --tracker csv")
     o.add_argument("--no-progress", action="store_true")
 
 
-FLAGS = {"ema_decay": "--ema", "norm_pix_loss": "--no-norm-pix-loss", "tensorboard": "--no-tensorboard",
+TRACKER_NAMES = ("tensorboard", "csv", "wandb", "mlflow")     # mimlab.engine.trackers.TRACKERS (not imported here)
+
+FLAGS = {"ema_decay": "--ema", "trackers": "--tracker", "norm_pix_loss": "--no-norm-pix-loss", "tensorboard": "--no-tensorboard",
          "progress": "--no-progress", "out_dir": "--out"}
 
 
@@ -110,7 +115,18 @@ def config_from_args(args: argparse.Namespace):
         decoder_heads=args.decoder_heads, norm_pix_loss=not args.no_norm_pix_loss,
         label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, crop_scale=args.crop_scale,
         bad_images=args.bad_images,
-        log_every=args.log_every, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
+        log_every=args.log_every, tensorboard=not args.no_tensorboard, progress=not args.no_progress,
+        trackers=trackers_from_args(args))
+
+
+def trackers_from_args(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--tracker values; --no-tensorboard (deprecated) is --tracker csv."""
+    import sys
+
+    if getattr(args, "no_tensorboard", False):
+        print("note: --no-tensorboard is deprecated; use --tracker csv", file=sys.stderr)
+        return tuple(t for t in (args.trackers or ["csv"]) if t != "tensorboard")
+    return tuple(args.trackers) if args.trackers else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from mimlab.cli.pretrain import TRACKER_NAMES
 from mimlab.transfer.tasks import TASK_NAMES, TASKS
 from mimlab.transfer.tasks.options import all_options
 
@@ -50,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--tracker", action="append", default=None, choices=TRACKER_NAMES, dest="trackers",
+                   help="where the scalars and config go besides metrics.csv (repeatable; default tensorboard; "
+                        "wandb and mlflow need mimlab[wandb] / mimlab[mlflow]); csv: the CSV only")
     t = p.add_argument_group("task options (each applies to the task named in its help)")
     for name, (typ, default, help_text) in all_options().items():
         t.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
@@ -68,7 +72,8 @@ def config_from_args(args: argparse.Namespace):
         drop_last_blocks=args.drop_last_blocks, reinit_last_blocks=args.reinit_last_blocks, resume=args.resume,
         overwrite=args.overwrite, save_every=args.save_every, num_workers=args.num_workers, precision=args.precision,
         eval_batch_size=args.eval_batch_size, progress=not args.no_progress, normalize=args.normalize,
-        options={name: getattr(args, name) for name in all_options()})
+        options={name: getattr(args, name) for name in all_options()},
+        trackers=tuple(args.trackers) if args.trackers else ("tensorboard",))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,6 +50,8 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     tensorboard: bool = True
+    trackers: tuple[str, ...] | None = None  # engine.trackers.TRACKERS; None: ("tensorboard",) if tensorboard
+    run_info: dict[str, Any] = field(default_factory=dict)  # the run's config and provenance, for the trackers
     progress: bool = True
     find_unused_parameters: bool = False
     fused_optimizer: bool | None = None  # None: fused AdamW when supported

@@ -1,4 +1,4 @@
-"""CSV and TensorBoard logs that survive resuming (rows past the resume step are dropped and rewritten)."""
+"""CSV logs that survive resuming (rows past the resume step are dropped and rewritten), and the trackers."""
 from __future__ import annotations
 
 import csv
@@ -61,22 +61,26 @@ class CsvLog:
 
 
 class RunLogger:
-    """metrics.csv (+ one CSV per named stream) and TensorBoard under ``out_dir/tensorboard``; main rank only."""
+    """metrics.csv (+ one CSV per named stream) and the run's trackers (`engine.trackers`: TensorBoard under
+    ``out_dir/tensorboard``, W&B, MLflow); main rank only."""
 
-    def __init__(self, out_dir: str | Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0,
-                 streams: tuple[str, ...] = ("metrics",)):
+    def __init__(self, out_dir: str | Path, *, enabled: bool, trackers: tuple[str, ...] = ("tensorboard",),
+                 resume_step: int = 0, streams: tuple[str, ...] = ("metrics",),
+                 run_info: Mapping[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.csvs: dict[str, CsvLog] = {}
-        self.tb = None
+        self.trackers: list[Any] = []
         if not enabled:
             return
         for name in streams:  # rows past the checkpoint (or all rows of a run that never checkpointed) go
             truncate_csv(self.out_dir / f"{name}.csv", resume_step)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        from mimlab.engine.trackers import open_trackers
 
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.trackers = open_trackers(trackers, self.out_dir, resume_step=resume_step)
+        if run_info:
+            for t in self.trackers:
+                t.config(run_info)
 
     def log(self, row: Mapping[str, Any], *, stream: str = "metrics", step_key: str = "step") -> None:
         if not self.enabled:
@@ -85,18 +89,20 @@ class RunLogger:
         if log is None:
             log = self.csvs[stream] = CsvLog(self.out_dir / f"{stream}.csv")
         log.write(row)
-        if self.tb is not None:
-            step = int(row[step_key])
-            prefix = "train" if stream == "metrics" else stream
-            for k, v in row.items():
-                if k != step_key and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.trackers:
+            from mimlab.engine.trackers import scalars
+
+            values = scalars(row, step_key)
+            if "layer" in row:                  # one row per layer (the online probe): one series per layer
+                values = {f"{k}/layer{int(row['layer'])}": v for k, v in values.items() if k != "layer"}
+            for t in self.trackers:
+                t.log("train" if stream == "metrics" else stream, values, int(row[step_key]))
 
     def flush(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
+        for t in self.trackers:
+            t.flush()
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        for t in self.trackers:
+            t.close()
+        self.trackers = []

@@ -54,6 +54,10 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)}")
     if cfg.clip_grad is not None and cfg.clip_grad <= 0:
         raise ConfigError("clip_grad", f"must be > 0 (or None to disable), got {cfg.clip_grad}")
+    if cfg.trackers is not None:
+        from mimlab.engine.trackers import check_trackers
+
+        check_trackers(cfg.trackers)
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -323,8 +327,9 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
     else:
         _seed_rank(cfg.seed, info.rank)
 
-    logger = RunLogger(out, enabled=info.is_main, tensorboard=cfg.tensorboard, resume_step=start_step,
-                       streams=("metrics", *(cb.name for cb in callbacks)))
+    trackers = cfg.trackers if cfg.trackers is not None else (("tensorboard",) if cfg.tensorboard else ())
+    logger = RunLogger(out, enabled=info.is_main, trackers=tuple(trackers), resume_step=start_step,
+                       streams=("metrics", *(cb.name for cb in callbacks)), run_info=cfg.run_info)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (info.is_main and cfg.progress), unit="step",

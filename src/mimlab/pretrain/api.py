@@ -53,7 +53,8 @@ class PretrainConfig:
     """Everything one pretraining run depends on (the `mimlab pretrain` flags; None = the method's recipe)."""
 
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"out", "resume", "overwrite", "save_every", "workers",
-                                                      "threads", "log_every", "tensorboard", "progress", "stop_after"})
+                                                      "threads", "log_every", "tensorboard", "trackers", "progress",
+                                                      "stop_after"})
 
     method: str
     model: str
@@ -94,6 +95,7 @@ class PretrainConfig:
     bad_images: str = "fail"
     log_every: int = 10
     tensorboard: bool = True
+    trackers: tuple[str, ...] | None = None  # tensorboard, csv, wandb, mlflow (engine.trackers); None: tensorboard
     progress: bool = True
     stop_after: int | None = None      # testing: stop like a killed run after this step
 
@@ -219,6 +221,10 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence["Callback"] = ()) -> Pretr
 
 def check_config(cfg: PretrainConfig) -> None:
     """Every check that needs no data or model, before anything is printed or built."""
+    if cfg.trackers is not None:
+        from mimlab.engine.trackers import check_trackers
+
+        check_trackers(cfg.trackers)
     if cfg.method not in METHODS:
         raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got '{cfg.method}'")
     if cfg.crop_scale is not None:
@@ -301,6 +307,14 @@ def _build_dataset(cfg: PretrainConfig, spec: DataSpec, files, labels, num_class
     return dataset, info
 
 
+def _run_info(cfg: PretrainConfig) -> dict[str, Any]:
+    """What the trackers record about the run: its config and provenance."""
+    from mimlab.utils.provenance import provenance
+
+    return {"verb": "pretrain", "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "provenance": provenance()}
+
+
 def _train_config(cfg: PretrainConfig, out: Path, identity: dict[str, Any], in_memory: bool):
     """The engine's TrainConfig from the method's recipe (METHOD_DEFAULTS) and the user's overrides."""
     from mimlab.engine import TrainConfig
@@ -324,7 +338,8 @@ def _train_config(cfg: PretrainConfig, out: Path, identity: dict[str, Any], in_m
         precision=cfg.precision, compile=cfg.compile, ema_decay=cfg.ema_decay, seed=cfg.seed,
         deterministic=cfg.deterministic, device=cfg.device, num_workers=workers, save_every=cfg.save_every,
         log_every=cfg.log_every, resume=cfg.resume, overwrite=cfg.overwrite, tensorboard=cfg.tensorboard,
-        progress=cfg.progress, identity=identity, stop_after=cfg.stop_after,
+        trackers=cfg.trackers, run_info=_run_info(cfg), progress=cfg.progress, identity=identity,
+        stop_after=cfg.stop_after,
         owned_outputs=("model.safetensors", "model_ema.safetensors", "run.json"))
     lr_info = {"base_lr": base_lr, "lr": lr, "rule": f"base_lr * global_batch / {LR_REFERENCE_BATCH}",
                "schedule": schedule, "warmup_steps": warmup, "milestones": list(milestones),

@@ -27,7 +27,7 @@ class TransferConfig:
     """Everything one transfer run depends on (defaults per task: `mimlab.transfer.tasks.TASKS`)."""
 
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"out", "resume", "overwrite", "save_every", "num_workers",
-                                                      "progress"})
+                                                      "progress", "trackers"})
 
     task: str
     backbone: str                          # "[LABEL=]ARCH[@CHECKPOINT]"
@@ -55,9 +55,13 @@ class TransferConfig:
     progress: bool = True
     normalize: str = "imagenet"            # input mean/std: imagenet, or the architecture's timm pretrained_cfg
     options: dict[str, Any] = field(default_factory=dict)   # task options (`options.py`); None values = default
+    trackers: tuple[str, ...] = ("tensorboard",)   # tensorboard, csv, wandb, mlflow (`mimlab.engine.trackers`)
 
     def __post_init__(self) -> None:
         task_spec(self.task)
+        from mimlab.engine.trackers import check_trackers
+
+        object.__setattr__(self, "trackers", check_trackers(self.trackers))
         if self.mode not in MODES:
             raise ConfigError("mode", f"must be 'finetune' or 'linear', got '{self.mode}'")
         if self.normalize not in NORMALIZE:
@@ -119,6 +123,7 @@ def _run_transfer(cfg: TransferConfig) -> dict[str, Any]:
     from mimlab.transfer.backbone import build_backbone
     from mimlab.transfer.tasks.base import param_groups
     from mimlab.utils.io import atomic_write_json
+    from mimlab.utils.config import key_dict
     from mimlab.utils.provenance import provenance
 
     opts = resolve_options(cfg.task, cfg.options)
@@ -141,7 +146,9 @@ def _run_transfer(cfg: TransferConfig) -> dict[str, Any]:
                        warmup_steps=warmup_steps, clip_grad=cfg.clip_grad, precision=cfg.precision, seed=cfg.seed,
                        device=cfg.device, num_workers=cfg.num_workers, save_every=cfg.save_every, resume=cfg.resume,
                        overwrite=cfg.overwrite, identity=identity, owned_outputs=(METRICS_FILE,),
-                       progress=cfg.progress, find_unused_parameters=run.find_unused_parameters)
+                       progress=cfg.progress, find_unused_parameters=run.find_unused_parameters,
+                       trackers=cfg.trackers, run_info={"verb": "transfer", "config": key_dict(cfg),
+                                                        "provenance": provenance()})
     result = train(run.model, run.loss_fn, run.train_set, tcfg, collate_fn=run.collate_fn, param_groups=groups)
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
