@@ -91,3 +91,84 @@ def test_miniature_study_report_schema_and_caching(tmp_path, capsys):
     assert shot.is_file() and shot.stat().st_size > 10_000
     console_errors = [line for line in r.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
     assert not console_errors, console_errors
+
+
+def _strip(summary: dict) -> dict:
+    """A summary without what differs between two equal studies: timings, folders, run ids."""
+    drop = ("seconds", "paths", "stages", "time", "elapsed", "out", "img_per_s", "run_id", "started")
+    if isinstance(summary, dict):
+        return {k: _strip(v) for k, v in summary.items() if not any(d in k for d in drop)}
+    if isinstance(summary, list):
+        return [_strip(v) for v in summary]
+    return summary
+
+
+@pytest.mark.slow
+def test_fan_out_stages_then_report_equals_a_sequential_study(tmp_path, capsys):
+    """--list-stages runs nothing; --stage runs one stage (two pretrainings at once, in two processes); a stage
+    whose inputs are not finished is refused; the plain command then runs the rest and writes the same report."""
+    import sys
+
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(MINI)
+    seq = tmp_path / "seq"
+    _run(cfg, seq, capsys)
+
+    out = tmp_path / "fan"
+    assert main(["reproduce", "--config", str(cfg), "--out", str(out), "--list-stages"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[-1] == f"0 of 19 stages cached in {out}" and not out.exists()
+    assert any(line.startswith("probe ") and "after: pretrain/simmim, pretrain/supervised, pretrain/random" in line
+               for line in listed)
+
+    assert main(["reproduce", "--config", str(cfg), "--out", str(out), "--quiet", "--stage",
+                 "transfer/simmim/classify/s0"]) == 2
+    assert ("needs data/classify, which is not finished: run it first (--stage data/classify)"
+            in capsys.readouterr().err)
+    procs = [subprocess.Popen([sys.executable, "-m", "mimlab", "reproduce", "--config", str(cfg), "--out", str(out),
+                               "--quiet", "--stage", f"pretrain/{m}"], stderr=subprocess.PIPE, text=True)
+             for m in ("simmim", "supervised")]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    assert main(["reproduce", "--config", str(cfg), "--out", str(out), "--quiet", "--stage", "data/classify",
+                 "--stage", "transfer/simmim/classify/s0"]) == 0
+    capsys.readouterr()
+    assert main(["reproduce", "--config", str(cfg), "--out", str(out), "--list-stages"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"4 of 19 stages cached in {out}"
+    rest = _run(cfg, out, capsys)
+    skipped = sorted(line.split()[1] for line in rest if line.startswith("[skip]"))
+    assert skipped == ["data/classify", "pretrain/simmim", "pretrain/supervised", "transfer/simmim/classify/s0"]
+    got = json.loads((out / "summary.json").read_text().replace(str(out), "<study>"))
+    want = json.loads((seq / "summary.json").read_text().replace(str(seq), "<study>"))
+    assert _strip(got) == _strip(want)
+
+
+def test_a_bad_study_config_fails_before_any_stage(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(MINI.replace("ablation_blocks: 1", "ablation_blocks: 3"))    # the model has 3 blocks
+    out = tmp_path / "study"
+    assert main(["reproduce", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("ablation_blocks 3 would drop every block of a 3-block vit_tiny_patch16_224: use fewer "
+                            "than 3"), err
+    assert not (out / "stages").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_every_stage(tmp_path, capsys):
+    """submitit's local executor runs the stages wave by wave; the plain command then only writes the report."""
+    from mimlab.reproduce.launch import waves
+    from mimlab.reproduce.pipeline import Study
+    from mimlab.reproduce.presets import load_config_file
+
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(MINI)
+    out = tmp_path / "sub"
+    levels = waves(Study(load_config_file(str(cfg)), out, progress=False))
+    assert [len(w) for w in levels] == [7, 12] and "probe" in levels[1]
+    assert main(["reproduce", "--config", str(cfg), "--out", str(out), "--quiet", "--launcher", "submitit",
+                 "--submitit-local"]) == 0
+    assert "submitted 19 stage jobs" in capsys.readouterr().out
+    rest = _run(cfg, out, capsys)
+    assert rest and all(line.startswith("[skip]") for line in rest)
+    assert (out / "report.html").is_file()

@@ -13,6 +13,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rerun a stage (and what depends on it) even if cached, e.g. probe or transfer; repeatable")
     p.add_argument("--device", default=None, help="override the preset's device (auto, cpu, cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--list-stages", action="store_true",
+                   help="check the study config and print the stage graph (name, depends on, cached) without running")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME",
+                   help="run only this stage (its dependencies must be finished), e.g. from a SLURM array task; "
+                        "repeatable. A plain `mimlab reproduce` afterwards writes the report")
+    p.add_argument("--launcher", choices=["local", "submitit"], default="local",
+                   help="submitit: submit every stage as a job with submitit, dependencies as job dependencies "
+                        "(pip install submitit; SLURM, or submitit's local executor with --submitit-local)")
+    p.add_argument("--submitit-folder", default=None, metavar="DIR",
+                   help="submitit's log folder (default OUT/submitit)")
+    p.add_argument("--submitit-local", action="store_true", help="use submitit's local executor (no SLURM)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,8 +40,29 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, device=args.device)
+    study = Study(cfg, args.out, force=tuple(args.force), progress=not args.quiet)   # checks every stage's config
+    if args.list_stages:
+        rows = study.stage_table()
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            deps = ", ".join(r["deps"]) or "-"
+            print(f"{r['name']:<{width}}  {'cached' if r['cached'] else 'to run':<6}  after: {deps}")
+        print(f"{sum(r['cached'] for r in rows)} of {len(rows)} stages cached in {args.out}")
+        return 0
+    if args.launcher == "submitit":
+        from mimlab.reproduce.launch import submit_study
+
+        jobs = submit_study(study, args, folder=args.submitit_folder, local=args.submitit_local)
+        print(f"submitted {len(jobs)} stage jobs; when they are done, `mimlab reproduce` with the same arguments "
+              "writes the report")
+        return 0
+    if args.stage:
+        for name in args.stage:
+            rec = study.run_stage(name)
+            print(f"{name}: {'cached' if rec.skipped else f'done in {rec.seconds:.0f} s'}")
+        return 0
     t0 = time.perf_counter()
-    summary = Study(cfg, args.out, force=tuple(args.force), progress=not args.quiet).run()
+    summary = study.run()
     print(f"\n{summary['scale']}")
     for cid, c in summary["claims"].items():
         note = "  (a model was not trained enough: see the report)" if c.get("reason") else ""

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from mimlab.errors import ConfigError
+from mimlab.errors import ConfigError, MimlabError
 from mimlab.models.factory import parse_model_kwargs
 from mimlab.reproduce.presets import StudyConfig
-from mimlab.reproduce.stages import StageRunner
+from mimlab.reproduce.stages import Stage, StageRecord, StageRunner
 
 
 def _device(cfg: StudyConfig) -> str:
@@ -53,17 +53,18 @@ class Study:
         self.runner = StageRunner(self.out, force=force, log=self.log)
         self.kwargs = parse_model_kwargs(cfg.model_kwargs)
         self.device = _device(cfg)
+        self.plan = self.stages()             # every stage's config, checked before anything runs
 
-    # ------------------------------------------------------------------------------------------------- data
-    def data_stage(self, task: str) -> str:
+    # -------------------------------------------------------------------------------------------- the stages
+    def data_stage(self, task: str) -> Stage:
         spec = self.cfg.transfer_data[task]
+        name = f"data/{task}"
         if isinstance(spec, str):           # a user dataset in its real format: nothing to build
             path = Path(spec)
             if not path.exists():
                 raise ConfigError(f"transfer_data.{task}", f"{path} does not exist")
-            rec = self.runner.run(f"data/{task}", {"path": str(path.resolve())},
-                                  lambda d: {"path": str(path.resolve())})
-            return rec.outputs["path"]
+            conf = {"path": str(path.resolve())}
+            return Stage(name, (), conf, lambda d: dict(conf))
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.data.downstream import generate
@@ -72,9 +73,14 @@ class Study:
             generate(spec["kind"], d / "data", seed=0, overwrite=True, **params)
             return {"path": str(d / "data")}
 
-        return self.runner.run(f"data/{task}", dict(spec), build).outputs["path"]
+        return Stage(name, (), dict(spec), build)
 
-    # --------------------------------------------------------------------------------------------- pretrain
+    def data_path(self, task: str) -> str:
+        """Where a task's data is once its stage has run (known before it runs)."""
+        spec = self.cfg.transfer_data[task]
+        return str(Path(spec).resolve()) if isinstance(spec, str) else str(self.runner.stage_dir(f"data/{task}")
+                                                                           / "data")
+
     def pretrain_config(self, method: str, out: Path):
         from mimlab.pretrain.api import PretrainConfig
 
@@ -86,7 +92,7 @@ class Study:
                               crop_scale=tuple(cfg.pretrain_crop_scale) if cfg.pretrain_crop_scale is not None
                               else None)
 
-    def pretrain_stage(self, method: str) -> dict[str, Any]:
+    def pretrain_stage(self, method: str) -> Stage:
         cfg = self.cfg
         name = f"pretrain/{method}"
         if method in cfg.checkpoints:
@@ -95,10 +101,12 @@ class Study:
                 raise ConfigError(f"checkpoints.{method}", f"{path} does not exist")
             from mimlab.utils.io import sha256_file
 
-            digest = sha256_file(path)
-            return self.runner.run(name, {"checkpoint": str(path.resolve()), "sha256": digest},
-                                   lambda d: {"model": str(path.resolve()), "imported": True}).outputs
+            conf = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
+            return Stage(name, (), conf, lambda d: {"model": str(path.resolve()), "imported": True})
         pcfg = self.pretrain_config(method, self.runner.stage_dir(name))
+        from mimlab.pretrain.api import check_config
+
+        check_config(pcfg)
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.pretrain.api import pretrain
@@ -109,9 +117,15 @@ class Study:
                     "img_per_s": res.img_per_s, "mask": (run.get("method_config") or {}).get("mask"),
                     "losses_head": res.losses[:10]}
 
-        return self.runner.run(name, pcfg, build).outputs
+        return Stage(name, (), pcfg, build)
 
-    def random_stage(self) -> dict[str, Any]:
+    def model_path(self, label: str) -> str:
+        """Where a model's weights are once its stage has run (known before it runs)."""
+        if label in self.cfg.checkpoints:
+            return str(Path(self.cfg.checkpoints[label]).resolve())
+        return str(self.runner.stage_dir(f"pretrain/{label}") / "model.safetensors")
+
+    def random_stage(self) -> Stage:
         cfg = self.cfg
         conf = {"arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "seed": cfg.init_seed}   # create_model's inputs
 
@@ -125,9 +139,8 @@ class Study:
             save_state_dict(model, d / "model.safetensors")
             return {"model": str(d / "model.safetensors")}
 
-        return self.runner.run("pretrain/random", conf, build).outputs
+        return Stage("pretrain/random", (), conf, build)
 
-    # ------------------------------------------------------------------------------------------------ probe
     def probe_config(self, models: dict[str, str], out: Path):
         from mimlab.probe.api import ProbeConfig
 
@@ -137,8 +150,8 @@ class Study:
                            images=cfg.probe_images, batch_size=cfg.probe_batch_size, out=str(out), device=self.device,
                            seed=0, workers=0, progress=self.progress, report=False, bootstrap=cfg.bootstrap)
 
-    def probe_stage(self, models: dict[str, str]) -> dict[str, Any]:
-        pcfg = self.probe_config(models, self.runner.stage_dir("probe"))
+    def probe_stage(self, labels: list[str]) -> Stage:
+        pcfg = self.probe_config({k: self.model_path(k) for k in labels}, self.runner.stage_dir("probe"))
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.probe.run import run_probe
@@ -146,21 +159,21 @@ class Study:
             run_probe(pcfg)
             return {"metrics": str(d / "metrics.json"), "replicates": str(d / "replicates.npz")}
 
-        deps = tuple(f"pretrain/{k}" for k in models)
-        return self.runner.run("probe", pcfg, build, deps=deps).outputs
+        return Stage("probe", tuple(f"pretrain/{k}" for k in labels), pcfg, build)
 
-    def simmim_baseline_stage(self, mask: dict[str, Any] | None) -> dict[str, Any]:
-        """SimMIM's loss for the best trivial predictor (each image's visible mean colour), on held-out images."""
-        args = {"data": self.cfg.pretrain_data, "mask": mask, "images": 256}     # mean_colour_baseline's
+    def simmim_baseline_stage(self) -> Stage:
+        """SimMIM's loss for the best trivial predictor (each image's visible mean colour), on held-out images; the
+        mask geometry is the SimMIM run's (its stage is a dependency, so its key covers it)."""
+        conf = {"data": self.cfg.pretrain_data, "images": 256}
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.pretrain.simmim import mean_colour_baseline
 
-            return {"mean_colour_l1": mean_colour_baseline(**args)}
+            mask = self.runner.records["pretrain/simmim"].outputs.get("mask")
+            return {"mean_colour_l1": mean_colour_baseline(mask=mask, **conf)}
 
-        return self.runner.run("baseline/simmim", args, build, deps=("pretrain/simmim",)).outputs
+        return Stage("baseline/simmim", ("pretrain/simmim",), conf, build)
 
-    # --------------------------------------------------------------------------------------------- transfer
     def transfer_config(self, label: str, model_path: str, task: str, seed: int, data: str, drop: int, out: Path):
         from mimlab.transfer.api import TransferConfig
 
@@ -170,10 +183,10 @@ class Study:
                               batch_size=cfg.transfer_batch_size, seed=seed, device=self.device,
                               drop_last_blocks=drop, progress=self.progress, precision=cfg.precision)
 
-    def transfer_stage(self, label: str, model_path: str, task: str, seed: int, data: str,
-                       drop: int = 0) -> dict[str, Any]:
+    def transfer_stage(self, label: str, task: str, seed: int, drop: int = 0) -> Stage:
         name = f"transfer/{label}{f'-drop{drop}' if drop else ''}/{task}/s{seed}"
-        tcfg = self.transfer_config(label, model_path, task, seed, data, drop, self.runner.stage_dir(name))
+        tcfg = self.transfer_config(label, self.model_path(label), task, seed, self.data_path(task), drop,
+                                    self.runner.stage_dir(name))
 
         def build(d: Path) -> dict[str, Any]:
             from mimlab.transfer.api import run_transfer
@@ -181,7 +194,49 @@ class Study:
             rep = run_transfer(dataclasses.replace(tcfg, resume=_interrupted(d)))
             return {"metrics": rep["metrics"], "baseline": rep["baseline"]}
 
-        return self.runner.run(name, tcfg, build, deps=(f"data/{task}", f"pretrain/{label}")).outputs
+        return Stage(name, (f"data/{task}", f"pretrain/{label}"), tcfg, build)
+
+    def stages(self) -> dict[str, Stage]:
+        """Every stage of the study, in an order that respects their dependencies, each with its config built and
+        checked: a bad study config fails here, before any stage runs."""
+        cfg = self.cfg
+        if "simmim" not in cfg.methods or "supervised" not in cfg.methods:
+            raise ConfigError("methods", "must hold both 'simmim' and 'supervised': the study compares them")
+        labels = [*cfg.methods, "random"]
+        for label in cfg.transfer_models:
+            if label not in labels:
+                raise ConfigError("transfer_models", f"'{label}' is not one of the models {sorted(labels)}")
+        out: list[Stage] = [self.data_stage(t) for t in cfg.tasks]
+        out += [self.pretrain_stage(m) for m in cfg.methods] + [self.random_stage()]
+        out.append(self.probe_stage(labels))
+        if "simmim" not in cfg.checkpoints:
+            out.append(self.simmim_baseline_stage())
+        out += [self.transfer_stage(label, task, seed) for label in cfg.transfer_models for task in cfg.tasks
+                for seed in cfg.seeds]
+        if cfg.ablation_blocks:
+            depth = self.model_depth()
+            if depth is not None and cfg.ablation_blocks >= depth:
+                raise ConfigError("ablation_blocks", f"{cfg.ablation_blocks} would drop every block of a {depth}-block "
+                                                     f"{cfg.arch}: use fewer than {depth}")
+            out += [self.transfer_stage("supervised", task, seed, drop=cfg.ablation_blocks)
+                    for task in cfg.ablation_tasks if task in cfg.tasks for seed in cfg.seeds]
+        return {st.name: st for st in out}
+
+    def model_depth(self) -> int | None:
+        """The number of blocks of the study's architecture (built on the meta device: no weights)."""
+        import torch
+
+        from mimlab.models.factory import create_model
+
+        try:
+            with torch.device("meta"):
+                model, _ = create_model(self.cfg.arch, self.kwargs, num_classes=0)
+        except Exception:           # an architecture that cannot be built so is checked when its stage runs
+            return None
+        blocks = getattr(model, "blocks", None)
+        if blocks is None and hasattr(model, "layers"):
+            return sum(len(getattr(layer, "blocks", [])) for layer in model.layers) or None
+        return len(blocks) if blocks is not None else None
 
     # ---------------------------------------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
@@ -191,41 +246,57 @@ class Study:
         from mimlab.utils.lock import run_lock
 
         with run_lock(self.out, verb="mimlab reproduce"):
-            remove_stale_temps(self.out, recursive=True)  # half-written files of a killed run (report, stages)
+            remove_stale_temps(self.out)          # a killed run's half-written report files (stages: per stage,
+            for sub in self.out.iterdir():        # under their own locks, as separate processes may run them)
+                if sub.is_dir() and sub.name not in ("stages", "locks"):
+                    remove_stale_temps(sub, recursive=True)
             return self._run()
 
     def _run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        self.log(cfg.scale_line())
-        if "simmim" not in cfg.methods or "supervised" not in cfg.methods:
-            raise ConfigError("methods", "must hold both 'simmim' and 'supervised': the study compares them")
-        data = {t: self.data_stage(t) for t in cfg.tasks}
-        pre = {m: self.pretrain_stage(m) for m in cfg.methods}
-        pre["random"] = self.random_stage()
-        models = {k: v["model"] for k, v in pre.items()}
-        probe = self.probe_stage(models)
-        baseline = self.simmim_baseline_stage(pre["simmim"].get("mask")) if "simmim" not in cfg.checkpoints else {}
-        downstream: dict[str, dict[str, Any]] = {}
-        for label in cfg.transfer_models:
-            if label not in models:
-                raise ConfigError("transfer_models", f"'{label}' is not one of the models {sorted(models)}")
-            for task in cfg.tasks:
-                for seed in cfg.seeds:
-                    downstream.setdefault(label, {}).setdefault(task, []).append(
-                        self.transfer_stage(label, models[label], task, seed, data[task]))
-        if cfg.ablation_blocks:
-            label = f"supervised-drop{cfg.ablation_blocks}"
-            for task in cfg.ablation_tasks:
-                if task not in cfg.tasks:
-                    continue
-                for seed in cfg.seeds:
-                    downstream.setdefault(label, {}).setdefault(task, []).append(
-                        self.transfer_stage("supervised", models["supervised"], task, seed, data[task],
-                                            drop=cfg.ablation_blocks))
+        self.log(self.cfg.scale_line())
+        for st in self.plan.values():
+            self.runner.run(st.name, st.config, st.build, deps=st.deps)
+        return self.report()
+
+    def report(self) -> dict[str, Any]:
+        """The study's summary and report from the finished stages' records."""
         from mimlab.report.study import write_study_report
         from mimlab.reproduce.summary import build_summary
 
-        summary = build_summary(cfg, pre, probe, baseline, downstream, self.runner.records)
+        cfg, rec = self.cfg, self.runner.records
+        pre = {m: rec[f"pretrain/{m}"].outputs for m in [*cfg.methods, "random"]}
+        baseline = rec["baseline/simmim"].outputs if "baseline/simmim" in rec else {}
+        downstream: dict[str, dict[str, Any]] = {}
+        for name in self.plan:
+            if name.startswith("transfer/"):
+                _, label, task, _seed = name.split("/")
+                downstream.setdefault(label, {}).setdefault(task, []).append(rec[name].outputs)
+        probe = rec["probe"].outputs
+        summary = build_summary(cfg, pre, probe, baseline, downstream, rec)
         paths = write_study_report(summary, probe, self.out)
         summary["paths"] = {k: str(v) for k, v in paths.items()}
         return summary
+
+    # -------------------------------------------------------------------------------------------- fan-out
+    def stage_table(self) -> list[dict[str, Any]]:
+        """Every stage: its name, what it depends on, and whether it is finished with its current config."""
+        return [{"name": st.name, "deps": list(st.deps), "cached": self.finished(st.name) is not None}
+                for st in self.plan.values()]
+
+    def run_stage(self, name: str) -> StageRecord:
+        """Run one stage whose dependencies are finished (a SLURM array task, a submitit job)."""
+        if name not in self.plan:
+            raise ConfigError("stage", f"'{name}' is not a stage of this study; `mimlab reproduce --list-stages` "
+                                       "lists them")
+        st = self.plan[name]
+        for dep in st.deps:
+            if self.finished(dep) is None:
+                raise MimlabError(f"stage {name} needs {dep}, which is not finished: run it first (--stage {dep})")
+        return self.runner.run(st.name, st.config, st.build, deps=st.deps)
+
+    def finished(self, name: str) -> StageRecord | None:
+        """The record of a finished stage (its dependencies finished too, with the keys they had), or None."""
+        st = self.plan[name]
+        if any(self.finished(dep) is None for dep in st.deps):
+            return None
+        return self.runner.lookup(st.name, st.config, st.deps)

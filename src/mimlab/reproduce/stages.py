@@ -66,6 +66,16 @@ def _outputs_exist(outputs: dict[str, Any], stage_dir: Path) -> bool:
 
 
 @dataclass
+class Stage:
+    """A stage of the study before it runs: its name, the stages it reads from, the config that keys it, and the
+    function that runs it in its folder and returns its outputs."""
+    name: str
+    deps: tuple[str, ...]
+    config: Any
+    build: Callable[[Path], dict[str, Any]]
+
+
+@dataclass
 class StageRecord:
     name: str
     key: str
@@ -96,24 +106,59 @@ class StageRunner:
         return stable_hash({"name": name, "config": relative_to_study(conf, self.root),
                             "deps": {d: self.records[d].run_id for d in deps}})
 
-    def run(self, name: str, config: Any, fn: Callable[[Path], dict[str, Any]],
-            deps: tuple[str, ...] = ()) -> StageRecord:
-        """Run `fn(stage_dir) -> outputs` unless a finished stage with the same key exists. `config`: the stage's
-        config object (a dataclass; its `NOT_IN_KEY` fields are left out of the key) or a plain dict."""
-        missing = [d for d in deps if d not in self.records]
-        if missing:
-            raise RuntimeError(f"stage {name} depends on stages not run yet: {missing}")
+    def lookup(self, name: str, config: Any, deps: tuple[str, ...] = ()) -> StageRecord | None:
+        """The finished stage's record if its folder holds a run with this key (and its dependencies are known),
+        else None; nothing runs."""
+        if name in self.records:
+            return self.records[name]
+        if any(d not in self.records for d in deps) or self._forced(name):
+            return None
         key = self.key(name, config, deps)
         d = self.stage_dir(name)
         marker = d / MARKER
-        if marker.is_file() and not self._forced(name):
+        if not marker.is_file():
+            return None
+        try:
             done = json.loads(marker.read_text())
-            outputs = in_study(done.get("outputs", {}), self.root)
-            if done.get("key") == key and _outputs_exist(outputs, d):
-                rec = StageRecord(name, key, done["run_id"], d, True, 0.0, outputs)
-                self.records[name] = rec
-                self.log(f"[skip] {name} (cached {key[:10]})")
-                return rec
+        except ValueError:
+            return None
+        outputs = in_study(done.get("outputs", {}), self.root)
+        if done.get("key") != key or not _outputs_exist(outputs, d):
+            return None
+        rec = self.records[name] = StageRecord(name, key, done["run_id"], d, True, 0.0, outputs)
+        return rec
+
+    def lock_dir(self, name: str) -> Path:
+        return self.root / "locks" / name.replace("/", "__")
+
+    def run(self, name: str, config: Any, fn: Callable[[Path], dict[str, Any]],
+            deps: tuple[str, ...] = ()) -> StageRecord:
+        """Run `fn(stage_dir) -> outputs` unless a finished stage with the same key exists. `config`: the stage's
+        config object (a dataclass; its `NOT_IN_KEY` fields are left out of the key) or a plain dict. The stage is
+        locked while it runs (`ROOT/locks/NAME`), so stages run by separate processes (`--stage`) never collide."""
+        from mimlab.utils.io import remove_stale_temps
+        from mimlab.utils.lock import run_lock
+
+        missing = [d for d in deps if d not in self.records]
+        if missing:
+            raise RuntimeError(f"stage {name} depends on stages not run yet: {missing}")
+        done = self.lookup(name, config, deps)
+        if done is not None:
+            self.log(f"[skip] {name} (cached {done.key[:10]})")
+            return done
+        with run_lock(self.lock_dir(name), verb=f"mimlab reproduce, stage {name}"):
+            done = self.lookup(name, config, deps)      # finished by another process while we waited? (no wait)
+            if done is not None:
+                return done
+            if self.stage_dir(name).exists():
+                remove_stale_temps(self.stage_dir(name), recursive=True)   # a killed attempt's half-written files
+            return self._run(name, config, fn, deps)
+
+    def _run(self, name: str, config: Any, fn: Callable[[Path], dict[str, Any]],
+             deps: tuple[str, ...]) -> StageRecord:
+        key = self.key(name, config, deps)
+        d = self.stage_dir(name)
+        marker = d / MARKER
         pending = d / PENDING
         stale = marker.is_file() or self._forced(name) or (
             pending.is_file() and json.loads(pending.read_text()).get("key") != key)
