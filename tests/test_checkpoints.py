@@ -428,3 +428,23 @@ def test_bad_files_give_one_line_errors(tmp_path):
             read_state_dict(tmp_path / name)
         msg = str(e.value)
         assert pat in msg and str(tmp_path / name) in msg and "\n" not in msg, (name, msg)
+
+
+def test_a_width_or_depth_mismatch_leads_with_one_diagnosis(tmp_path):
+    import timm
+
+    from mimlab.errors import MimlabError
+    from mimlab.models.checkpoints import load_checkpoint
+
+    tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4)
+    f = tmp_path / "deit_tiny.pth"
+    torch.save({"model": tiny.state_dict()}, f)
+    small = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4)
+    with pytest.raises(MimlabError) as e:
+        load_checkpoint(small, f)
+    head = str(e.value).split(": ", 1)[1]
+    assert head.startswith("checkpoint width 192, model width 384 (a ViT-Tiny checkpoint?): build the model"), head
+    shallow = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4,
+                                depth=6)
+    with pytest.raises(MimlabError, match="checkpoint depth 12 blocks, model 6: build the model"):
+        load_checkpoint(shallow, f)

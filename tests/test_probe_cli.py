@@ -129,3 +129,10 @@ def test_count_errors_come_before_any_model_is_built(folder, capsys, monkeypatch
     assert "--maps 5 asks for the maps of more images than the run has (4)" in _err(
         capsys, base + ["builtin", "--images", "4", "--maps", "5"])
     assert "holds only 10 images" in _err(capsys, base + [str(folder), "--images", "11"])
+
+
+def test_data_defaults_to_builtin_with_a_note(tmp_path, capsys):
+    assert main(["probe", "vit_tiny_patch16_224", "--model-kwargs", KW, "--images", "4", "--batch-size", "4",
+                 "--bootstrap", "0", "--workers", "0", "--quiet", "--no-report", "--out", str(tmp_path / "o")]) == 0
+    assert "note: --data not given: probing the built-in images (--data builtin)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["provenance"]["data"]["kind"] == "builtin"

@@ -321,3 +321,45 @@ def test_two_pretrain_processes_one_directory_and_no_stale_lock_after_sigkill(tm
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] % 2 == 0
     # the kernel dropped the dead run's lock: resuming works at once
     assert main(pretrain_args(out, "--overwrite", steps=2)) == 0
+
+
+def test_a_dead_holders_lock_kept_by_its_forked_child_is_waited_for_not_refused(tmp_path):
+    """The race `make test` hit: a SIGKILLed run's forked child (a DataLoader worker) still holds the inherited lock
+    file for a moment. The next run waits for it (the recorded holder is dead) instead of naming a dead pid."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mimlab.utils.lock import run_lock
+
+    code = f"""
+import os, signal, sys, time
+from mimlab.utils.lock import run_lock
+with run_lock({str(tmp_path)!r}, verb="holder"):
+    if os.fork() == 0:              # the child inherits the locked file, like a DataLoader worker
+        time.sleep(1.5)
+        os._exit(0)
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    t0 = time.monotonic()
+    with run_lock(tmp_path, verb="next"):             # refused before the fix: "in use by another run, pid N"
+        waited = time.monotonic() - t0
+    assert 0.0 <= waited < 10.0
+
+    # a live holder is still refused at once
+    q = subprocess.Popen([sys.executable, "-c", code.replace("time.sleep(1.5)", "time.sleep(0)")],
+                         stdout=subprocess.PIPE, text=True)
+    assert q.stdout.readline().strip() == "locked"
+    t0 = time.monotonic()
+    with pytest.raises(MimlabError, match="is in use by another run, pid"):
+        with run_lock(tmp_path, verb="third"):
+            pass
+    assert time.monotonic() - t0 < 1.0
+    q.kill()
+    q.wait()

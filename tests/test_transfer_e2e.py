@@ -111,3 +111,14 @@ def test_transfer_from_pretrain_checkpoint(data, tmp_path):
     report = json.loads((out / "metrics.json").read_text())
     assert report["backbone"]["label"] == "mim" and report["backbone"]["load_report"]["num_loaded"] > 0
     assert report["data"]["input_size"] == [24, 24]
+
+
+def test_no_checkpoint_warns_loudly_and_is_recorded(data, tmp_path, capsys):
+    out = tmp_path / "rand"
+    assert main(["transfer", "--task", "classify", "--data", str(data / "fg"), "--out", str(out), *COMMON,
+                 "--num-workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --num-workers is deprecated; use --workers" in err      # the old spelling still works
+    assert ("WARNING: vit_tiny_patch16_224 has no checkpoint: RANDOM INITIALISATION (seed 0); this transfer "
+            "measures an untrained backbone") in err
+    assert json.loads((out / "metrics.json").read_text())["backbone"]["random_init"] is True

@@ -52,9 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("models", nargs="+", metavar="MODEL", help="[LABEL=]ARCH[@CHECKPOINT] (timm ARCH or hf:DIR, local checkpoint)")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", default=None,
                    help="image folder (recursive, sorted by relative path), a .npy float32 N x 3 x H x W array "
-                        "(already normalised), or builtin[:KIND] (held-out built-in images)")
+                        "(already normalised), or builtin[:KIND] (held-out built-in images; the default, as in "
+                        "pretrain)")
     p.add_argument("--images", type=_images, default=None, metavar="N|all",
                    help="use the first N images, or all (default: the first 256, or all if the data holds fewer)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size = CKA minibatch size (default 32)")
@@ -105,6 +106,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from mimlab.probe.api import ProbeConfig
 
+    if args.data is None:
+        import sys
+
+        print("note: --data not given: probing the built-in images (--data builtin)", file=sys.stderr)
+        args.data = "builtin"
     return ProbeConfig(models=tuple(args.models), data=args.data, images=args.images, batch_size=args.batch_size,
                        out=args.out, device=args.device, seed=args.seed, model_kwargs=tuple(args.model_kwargs),
                        checkpoint_format=args.checkpoint_format, precision=args.precision, workers=args.workers,

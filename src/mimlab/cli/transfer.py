@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 
+from mimlab.cli.common import deprecated_alias
 from mimlab.cli.pretrain import TRACKER_NAMES
 from mimlab.transfer.tasks import TASK_NAMES, TASKS
 from mimlab.transfer.tasks.options import all_options
 
-FLAGS = {"backbone": "--backbone", "progress": "--no-progress", "out_dir": "--out"}
+FLAGS = {"backbone": "--backbone", "num_workers": "--workers", "progress": "--no-progress", "out_dir": "--out"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
-    g.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
+    g.add_argument("--workers", dest="num_workers", type=int, default=0,
+                   help="data loader worker processes (default 0)")
+    deprecated_alias(g, "--num-workers", "--workers", "num_workers", type=int)
     g.add_argument("--normalize", choices=("imagenet", "timm"), default="imagenet",
                    help="input mean/std: imagenet (as mimlab pretrain, SimMIM, MAE, DeiT; default) or timm (the "
                         "architecture's pretrained_cfg)")
@@ -57,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("task options (each applies to the task named in its help)")
     for name, (typ, default, help_text) in all_options().items():
         t.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
-                       help=f"{help_text} (default {default!r})")
+                       help=help_text if "default" in help_text else f"{help_text} (default {default!r})")
 
 
 def config_from_args(args: argparse.Namespace):

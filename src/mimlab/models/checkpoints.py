@@ -562,6 +562,33 @@ def _hints(missing: list[str], unexpected: list[str], model_keys: set[str]) -> l
     return out
 
 
+VIT_WIDTHS = {192: "ViT-Tiny", 384: "ViT-Small", 768: "ViT-Base", 1024: "ViT-Large", 1280: "ViT-Huge",
+              1408: "ViT-giant (EVA)", 1536: "ViT-giant (DINOv2)"}
+
+
+def _width_depth(sd: Mapping[str, "torch.Tensor"]) -> tuple[int | None, int]:
+    """The embedding width (from the patch embedding, or the class token) and the number of blocks."""
+    width = None
+    for key in ("patch_embed.proj.weight", "cls_token", "pos_embed"):
+        if key in sd and sd[key].dim() >= 2:
+            width = int(sd[key].shape[0] if key == "patch_embed.proj.weight" else sd[key].shape[-1])
+            break
+    blocks = {k.split(".")[1] for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    return width, len(blocks)
+
+
+def diagnosis(sd: Mapping[str, "torch.Tensor"], model_sd: Mapping[str, "torch.Tensor"]) -> str | None:
+    """One line on the usual cause of a wholesale mismatch: another width or depth of the same family."""
+    (cw, cd), (mw, md) = _width_depth(sd), _width_depth(model_sd)
+    parts = []
+    if cw and mw and cw != mw:
+        guess = f" (a {VIT_WIDTHS[cw]} checkpoint?)" if cw in VIT_WIDTHS else ""
+        parts.append(f"checkpoint width {cw}, model width {mw}{guess}")
+    if cd and md and cd != md:
+        parts.append(f"checkpoint depth {cd} blocks, model {md}")
+    return "; ".join(parts) + ": build the model that matches (another ARCH or --model-kwargs)" if parts else None
+
+
 def _check_fit(sd: Mapping[str, "torch.Tensor"], model_sd: Mapping[str, "torch.Tensor"], missing: list[str],
                fmt: str, path: Path, model: "torch.nn.Module") -> None:
     unexpected = sorted(k for k in sd if k not in model_sd)
@@ -581,6 +608,9 @@ def _check_fit(sd: Mapping[str, "torch.Tensor"], model_sd: Mapping[str, "torch.T
     if any(s.startswith("pos_embed ") for s in shapes):
         hints.append("the checkpoint's position embedding is for another grid: ask for the size to use (img_size=N, "
                      "--img-size N) or resize_pos_embed=True (--resize-pos-embed) to resample it as timm does")
+    lead = diagnosis(sd, model_sd)
+    if lead:
+        parts.insert(0, lead)
     text = (f"checkpoint '{path}' (format {fmt}) does not fit {type(model).__name__}: " + "; ".join(parts)
             + (f"; hint: {' / '.join(hints)}" if hints else ""))
     raise MimlabError(text)

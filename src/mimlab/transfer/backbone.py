@@ -15,6 +15,7 @@ one-stream template+search encoder; plus the layer ablation (drop / re-initialis
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,7 @@ class BackboneInfo:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     extra: dict[str, Any] = field(default_factory=dict)
+    random_init: bool = False                 # no checkpoint: an untrained backbone (warned on stderr)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -226,6 +228,9 @@ def build_backbone(spec_text: str, model_kwargs: dict[str, Any] | None = None, *
         if report.resized:
             print(f"{spec.label}: resampled {', '.join(report.resized)} to img_size {spec.kwargs['img_size']}",
                   file=sys.stderr)
+    elif os.environ.get("RANK", "0") == "0":
+        print(f"WARNING: {spec.label} has no checkpoint: RANDOM INITIALISATION (seed {seed}); this transfer measures "
+              "an untrained backbone", file=sys.stderr)
     n_blocks = len(block_slots(model))
     if reinit_last:
         if reinit_last > n_blocks:
@@ -245,5 +250,5 @@ def build_backbone(spec_text: str, model_kwargs: dict[str, Any] | None = None, *
                         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)), patch_size=patch,
                         img_size=img_size, drop_last_blocks=drop_last, reinit_last_blocks=reinit_last,
                         load_report=report.to_dict() if report is not None else None,
-                        mean=mean, std=std)
+                        mean=mean, std=std, random_init=spec.checkpoint is None)
     return Backbone(model, info)

@@ -3,7 +3,9 @@
 The lock belongs to the open file, so the kernel releases it when the process exits in any way, SIGKILL
 included: a killed run never leaves a stale lock behind (the file itself stays; its content only describes
 the current holder). A second run into the same directory fails at once with a message naming the directory
-and the holder's pid and command. Linux/macOS only (fcntl).
+and the holder's pid and command. When the recorded holder is already dead (killed, and its forked workers or its
+teardown still hold the file), the new run waits up to DEAD_HOLDER_GRACE_S for them instead of being refused by a
+dead process. Linux/macOS only (fcntl).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Iterator
 from mimlab.errors import ConfigError, MimlabError
 
 LOCK_NAME = ".mimlab.lock"
+DEAD_HOLDER_GRACE_S = 15.0     # how long a lock whose recorded holder has died may stay held by its leftovers
 
 
 def _holder(fd: int) -> str:
@@ -31,6 +34,47 @@ def _holder(fd: int) -> str:
     if not info.get("pid"):
         return "a process that has not written its pid yet"
     return f"pid {info['pid']} ({info.get('verb', '?')}): {info.get('command', '?')}, started {info.get('started', '?')}"
+
+
+def _holder_pid(fd: int) -> int | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return int(json.loads(os.read(fd, 65536).decode() or "{}").get("pid") or 0) or None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed process is a zombie until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _acquire(fd: int, grace_s: float = DEAD_HOLDER_GRACE_S) -> None:
+    """Take the lock; if the recorded holder is dead, wait up to `grace_s` for the processes that inherited its
+    file (forked DataLoader workers, a process still being torn down) to let go. BlockingIOError if it stays held."""
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pid = _holder_pid(fd)
+            if pid is None or _alive(pid):
+                raise
+            deadline = deadline or time.monotonic() + grace_s
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _command() -> str:
@@ -58,7 +102,7 @@ def run_lock(directory: str | os.PathLike, *, verb: str = "mimlab") -> Iterator[
         raise MimlabError(f"cannot create the run lock {d / LOCK_NAME}: {e.strerror or e}") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _acquire(fd)
         except BlockingIOError:
             raise MimlabError(f"{d} is in use by another run, {_holder(fd)}; wait for it to finish or choose "
                               "another output directory") from None
