@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test test-fast venv clean bench
 
 $(STAMP): pyproject.toml requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)     # the edit-test loop: everything but the tests marked slow (CI runs the full `make test`)
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/probe_throughput.py

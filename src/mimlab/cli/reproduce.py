@@ -4,7 +4,19 @@ from __future__ import annotations
 import argparse
 
 
+def _epilog() -> str:
+    from mimlab.reproduce.presets import StudyConfig
+
+    keys = "\n".join(f"  {k:<22} {v}" for k, v in StudyConfig.HELP.items())
+    return ("study config keys (a --config file sets any of them; values per preset: docs/reproduce.md, or "
+            "--print-config):\n" + keys)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _epilog()
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved study config as YAML (edit it and pass it back with --config) and exit")
     p.add_argument("--preset", default=None, choices=["quick", "cpu", "gpu"],
                    help="quick: minutes on a CPU (default); cpu: about an hour on 2 cores; gpu: one GPU")
     p.add_argument("--config", default=None, help="a YAML or TOML file: optional 'preset' plus overrides")
@@ -40,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, device=args.device)
+    if args.print_config:
+        from mimlab.reproduce.presets import config_yaml
+
+        print(config_yaml(cfg), end="")
+        return 0
     study = Study(cfg, args.out, force=tuple(args.force), progress=not args.quiet)   # checks every stage's config
     if args.list_stages:
         rows = study.stage_table()

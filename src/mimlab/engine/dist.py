@@ -107,6 +107,10 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 
 def teardown_distributed(info: DistInfo) -> None:
     if info.owns_group and dist.is_initialized():
+        try:
+            barrier(info)         # no rank tears gloo down while another still talks to it (an abort at exit)
+        except Exception:         # a rank already gone: tear down anyway (the error that ended the run matters)
+            pass
         dist.destroy_process_group()
 
 

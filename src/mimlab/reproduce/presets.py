@@ -5,7 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mimlab.errors import ConfigError, MimlabError
 
@@ -64,6 +64,39 @@ class StudyConfig:
     gate_loss_ratio: float = 0.9
     gate_attention_change: float = 0.02
     gate_cka_to_init: float = 0.9
+
+    HELP: ClassVar[dict[str, str]] = {
+        "preset": "the built-in preset the other keys override (quick, cpu, gpu)",
+        "description": "free text, shown in the report",
+        "device": "auto (CUDA if available), cpu, cuda",
+        "precision": "fp32, bf16 or fp16 for pretraining and transfer",
+        "arch": "the timm architecture every method trains (one architecture for all)",
+        "model_kwargs": "timm keyword arguments of `arch`, as in --model-kwargs (k=v,...)",
+        "methods": "pretraining methods; must hold simmim and supervised; add mae to include it",
+        "init_seed": "seed of every model's initialisation (the same for all methods)",
+        "pretrain_data": "pretraining images: builtin[:KIND?...] or an image folder (the same for every method)",
+        "pretrain_steps": "optimizer steps of every pretraining (an identical budget)",
+        "pretrain_batch_size": "global batch of every pretraining",
+        "pretrain_lr": "base lr per 512 images for every method; null: each method's official value",
+        "mask_patch_size": "SimMIM mask cell in px; null: SimMIM's 32 px cell scaled to the input",
+        "pretrain_crop_scale": "RandomResizedCrop area range [low, high] for every method; null: each method's own",
+        "checkpoints": "your checkpoints instead of pretraining: {simmim: path, supervised: path, ...}",
+        "probe_data": "probe images: builtin (held-out built-in images), a folder or a .npy",
+        "probe_images": "number of probe images",
+        "probe_batch_size": "probe batch = CKA minibatch (at least 4)",
+        "bootstrap": "Poisson bootstrap replicates of the probe's intervals (0: none)",
+        "tasks": "transfer tasks: classify, keypoints, depth, track",
+        "seeds": "transfer seeds (each model x task x seed is one run)",
+        "transfer_steps": "steps per task: {classify: N, keypoints: N, depth: N, track: N}",
+        "transfer_batch_size": "batch of every transfer run",
+        "transfer_models": "models transferred: labels among methods and random",
+        "ablation_blocks": "claim C6: drop the supervised model's last K blocks (0: no ablation; fewer than its depth)",
+        "ablation_tasks": "tasks of the layer ablation",
+        "transfer_data": "per task: a built-in dataset spec {kind: ..., sizes} or the path of your dataset",
+        "gate_loss_ratio": "trained-enough gate: final loss / the trivial predictor's loss must be below this",
+        "gate_attention_change": "trained-enough gate: attention statistics must move at least this from init",
+        "gate_cka_to_init": "trained-enough gate: CKA to the random-init model must be below this",
+    }
 
     def scale_line(self) -> str:
         crop = (f", crops {self.pretrain_crop_scale[0]:g}-{self.pretrain_crop_scale[1]:g}"
@@ -157,3 +190,34 @@ def load_config_file(path: str | Path) -> StudyConfig:
         raise ConfigError("config", f"{path}: expected a mapping at the top level")
     preset = data.pop("preset", "quick")
     return build_config(preset, data)
+
+
+def _yaml_value(v: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def config_yaml(cfg: StudyConfig) -> str:
+    """The resolved config as YAML that `--config` reads back to the same config (`--print-config`)."""
+    import yaml
+
+    data = cfg.to_dict()
+    lines = [f"# mimlab reproduce config: preset '{cfg.preset}' resolved; edit and pass back with --config FILE"]
+    for k, v in data.items():
+        lines.append(f"# {StudyConfig.HELP[k]}")
+        lines.append(yaml.safe_dump({k: v}, default_flow_style=False, sort_keys=False, width=110).strip())
+    return "\n".join(lines) + "\n"
+
+
+def config_reference_markdown() -> str:
+    """docs/reproduce.md's table of every key: type, meaning, value in each preset (generated; a test keeps the
+    page equal to it)."""
+    presets = {name: build_config(name).to_dict() for name in PRESETS}
+    head = "| key | type | meaning | " + " | ".join(presets) + " |"
+    rows = [head, "|" + "---|" * (3 + len(presets))]
+    for f in dataclasses.fields(StudyConfig):
+        typ = str(f.type).replace("|", "or")
+        vals = " | ".join(f"`{_yaml_value(p[f.name])}`" for p in presets.values())
+        rows.append(f"| `{f.name}` | {typ} | {StudyConfig.HELP[f.name]} | {vals} |")
+    return "\n".join(rows) + "\n"
