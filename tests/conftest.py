@@ -37,3 +37,29 @@ transfer_data:
   depth: {kind: depth, train_images: 8, val_images: 4, width: 32, height: 32}
   track: {kind: tracking, train_sequences: 3, val_sequences: 2, length: 6, size: 48}
 """
+
+
+def _global_torch_state() -> dict:
+    """Process-wide settings a test could change and leave behind, changing every later in-process run's numbers."""
+    import torch.distributed as dist
+
+    return {"threads": torch.get_num_threads(), "default_dtype": torch.get_default_dtype(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            "grad_enabled": torch.is_grad_enabled(),
+            "process_group": dist.is_available() and dist.is_initialized()}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_global_state(request):
+    """A test that leaves torch's global state changed fails here, naming what it changed (later tests compare
+    in-process runs with subprocess runs bit for bit, so a leaked thread count is a wrong result, not noise)."""
+    before = _global_torch_state()
+    yield
+    after = _global_torch_state()
+    leaked = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if leaked:
+        for k, (was, _) in leaked.items():           # put it back, so one leak fails one test, not every later one
+            if k == "threads":
+                torch.set_num_threads(was)
+        pytest.fail(f"left torch's global state changed (before, after): {leaked}", pytrace=False)

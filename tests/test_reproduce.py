@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from mimlab.cli import main
 from conftest import MINI_STUDY
@@ -126,7 +128,8 @@ def test_fan_out_stages_then_report_equals_a_sequential_study(tmp_path, capsys):
     assert ("needs data/classify, which is not finished: run it first (--stage data/classify)"
             in capsys.readouterr().err)
     procs = [subprocess.Popen([sys.executable, "-m", "mimlab", "reproduce", "--config", str(cfg), "--out", str(out),
-                               "--quiet", "--stage", f"pretrain/{m}"], stderr=subprocess.PIPE, text=True)
+                               "--quiet", "--stage", f"pretrain/{m}"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # same sums
              for m in ("simmim", "supervised")]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()

@@ -212,11 +212,17 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence["Callback"] = ()) -> Pretr
     for ``--probe-every``); each writes ``<name>.csv``."""
     from mimlab.utils.lock import run_lock
 
+    import torch
+
     check_config(cfg)
-    if not _is_main():
-        return _pretrain(cfg, callbacks)
-    with run_lock(cfg.out, verb="mimlab pretrain"):
-        return _pretrain(cfg, callbacks)
+    threads = torch.get_num_threads()
+    try:
+        if not _is_main():
+            return _pretrain(cfg, callbacks)
+        with run_lock(cfg.out, verb="mimlab pretrain"):
+            return _pretrain(cfg, callbacks)
+    finally:
+        torch.set_num_threads(threads)         # `threads` is this run's, not the calling process's from now on
 
 
 def check_config(cfg: PretrainConfig) -> None:

@@ -176,7 +176,7 @@ def _run_transfer(cfg: TransferConfig) -> dict[str, Any]:
                    "weight_decay": cfg.weight_decay, "warmup_steps": warmup_steps, "clip_grad": cfg.clip_grad,
                    "precision": cfg.precision, "normalize": cfg.normalize, "drop_last_blocks": cfg.drop_last_blocks,
                    "reinit_last_blocks": cfg.reinit_last_blocks, "options": opts},
-        "provenance": provenance(torch_threads=torch.get_num_threads()),
+        "provenance": provenance(),
     }
     atomic_write_json(out / METRICS_FILE, report)
     return report

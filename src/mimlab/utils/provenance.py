@@ -24,6 +24,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
         "command": sys.argv,
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),       # float sums split by thread: part of what made the numbers
     }
     info.update(extra)
     return info
