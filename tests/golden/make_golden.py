@@ -146,9 +146,13 @@ def transfer_case(work: Path) -> dict[str, Any]:
           "--val-per-class", "4", "--size", "32"])
     f = _timm_file(arch, kwargs, work / "transfer_backbone.safetensors", seed=2)
     out = work / "transfer_classify"
-    torch.set_num_threads(1)
-    _cli(["transfer", "--task", "classify", "--backbone", f"bb={arch}@{f}", "--model-kwargs", kwargs,
-          "--data", str(data), "--out", str(out), "--steps", "4", "--batch-size", "8", "--no-progress"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                    # the golden was written with one thread; the caller's count after
+    try:
+        _cli(["transfer", "--task", "classify", "--backbone", f"bb={arch}@{f}", "--model-kwargs", kwargs,
+              "--data", str(data), "--out", str(out), "--steps", "4", "--batch-size", "8", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
     m = json.loads((out / "metrics.json").read_text())
     return {"metrics": m["metrics"], "baseline": m["baseline"], "losses": _losses(out / "metrics.csv")}
 
