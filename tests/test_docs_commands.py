@@ -1,4 +1,4 @@
-"""Every command shown in README.md and docs/*.md runs, on tiny stand-ins of the same formats.
+"""Every command shown in README.md, docs/*.md and the `--help` examples runs, on tiny stand-ins of the same formats.
 
 `doc_commands()` reads each fenced shell block (continuation lines joined, `$ ` prompts and `# comments` dropped)
 and keeps the lines that call `mimlab` (directly, under torchrun, srun or `python -m`) or `make`. Every such line
@@ -14,6 +14,8 @@ reads what the documented command before it wrote.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -31,6 +33,7 @@ from mimlab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+HELP_VERBS = ("probe", "pretrain", "transfer", "reproduce", "data")      # their --help examples too
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache")]
 
 
@@ -56,6 +59,32 @@ def _strip_comment(line: str) -> str:
     return line.strip()
 
 
+def _block_commands(lines: list[str], file: str, start: int, assigned: list) -> list[DocCommand]:
+    """The commands of one shell block (`assigned` collects its NAME=value lines for the commands after them)."""
+    found, i = [], 0
+    while i < len(lines):
+        first, cmd = i, lines[i].rstrip()
+        while cmd.endswith("\\") and i + 1 < len(lines):
+            i += 1
+            cmd = cmd[:-1].rstrip() + " " + lines[i].strip()
+        i += 1
+        cmd = _strip_comment(cmd.strip().removeprefix("$ ").strip())
+        if re.fullmatch(r"[A-Z_]+=\S+", cmd):
+            assigned.append(tuple(cmd.split("=", 1)))
+        elif re.search(r"(^|\s|-m )mimlab\s", cmd + " ") or cmd.startswith("make "):
+            found.append(DocCommand(file, start + first, " ".join(cmd.split()), tuple(assigned)))
+    return found
+
+
+def help_epilog(verb: str) -> str:
+    """What `mimlab VERB --help` prints after its options (the examples)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        main([verb, "--help"])
+    text = buf.getvalue()
+    return text[text.find("\nexamples:"):] if "\nexamples:" in text else ""
+
+
 def doc_commands() -> list[DocCommand]:
     found = []
     for path in DOCS:
@@ -65,20 +94,9 @@ def doc_commands() -> list[DocCommand]:
             if block.group(1) in ("python", "yaml", "json", "text"):
                 continue
             start = text[:block.start()].count("\n") + 2
-            lines = block.group(2).split("\n")
-            i = 0
-            while i < len(lines):
-                first, cmd = i, lines[i].rstrip()
-                while cmd.endswith("\\") and i + 1 < len(lines):
-                    i += 1
-                    cmd = cmd[:-1].rstrip() + " " + lines[i].strip()
-                i += 1
-                cmd = _strip_comment(cmd.removeprefix("$ ").strip())
-                if re.fullmatch(r"[A-Z_]+=\S+", cmd):
-                    assigned.append(tuple(cmd.split("=", 1)))
-                elif re.search(r"(^|\s|-m )mimlab\s", cmd + " ") or cmd.startswith("make "):
-                    found.append(DocCommand(str(path.relative_to(ROOT)), start + first, " ".join(cmd.split()),
-                                            tuple(assigned)))
+            found += _block_commands(block.group(2).split("\n"), str(path.relative_to(ROOT)), start, assigned)
+    for verb in HELP_VERBS:
+        found += _block_commands(help_epilog(verb).split("\n"), f"mimlab {verb} --help", 0, [])
     return found
 
 
@@ -144,12 +162,27 @@ TABLE: list[tuple[str, str, Run | Skip]] = [
     ("docs/transfer.md", "mimlab transfer --task keypoints --backbone vit_tiny_patch16_224", Run()),
     ("docs/transfer.md", "mimlab transfer --task depth --backbone vit_tiny_patch16_224", Run()),
     ("docs/transfer.md", "mimlab transfer --task track --backbone vit_tiny_patch16_224", Run()),
+    ("mimlab probe --help", "mimlab probe vit_small_patch16_224 --data builtin", Run()),
+    ("mimlab probe --help", "mimlab probe sim=beit_base_patch16_224@simmim_pretrain.pth", Run()),
+    ("mimlab pretrain --help", "mimlab pretrain --method simmim --model vit_tiny_patch16_224", Run()),
+    ("mimlab pretrain --help", "torchrun --nproc_per_node 8 -m mimlab pretrain", Run()),
+    ("mimlab transfer --help", "mimlab data keypoints --out data/kp", Run()),
+    ("mimlab transfer --help", "mimlab transfer --task keypoints --backbone simmim=", Run()),
+    ("mimlab transfer --help", "mimlab data finegrained --out data/fg", Run()),
+    ("mimlab transfer --help", "mimlab transfer --task classify --backbone deit=", Run()),
+    ("mimlab reproduce --help", "mimlab reproduce --preset quick --out runs/demo", Run()),
+    ("mimlab reproduce --help", "mimlab reproduce --preset cpu --print-config > study.yaml", Run()),
+    ("mimlab reproduce --help", "mimlab reproduce --config study.yaml --out runs/mine --list-stages", Run()),
+    ("mimlab reproduce --help", "mimlab reproduce --config study.yaml --out runs/mine", Run()),
+    ("mimlab data --help", "mimlab data fractal-leaves --classes 100", Run()),
+    ("mimlab data --help", "mimlab data depth --out data/depth", Run()),
 ]
 
 
 def row_of(cmd: DocCommand) -> tuple[str, str, Run | Skip]:
-    rows = [r for r in TABLE if r[0] == cmd.file and cmd.text.startswith(r[1])]
-    assert len(rows) == 1, f"{cmd.file}:{cmd.line}: {len(rows)} rows of TABLE match: {cmd.text}"
+    """The row whose command start is the longest one this command begins with."""
+    rows = sorted((r for r in TABLE if r[0] == cmd.file and cmd.text.startswith(r[1])), key=lambda r: -len(r[1]))
+    assert rows, f"{cmd.file}:{cmd.line}: no row of TABLE matches: {cmd.text}"
     return rows[0]
 
 
@@ -160,8 +193,9 @@ def test_every_documented_command_has_a_row():
     assert not unlisted, "documented commands with no row in TABLE (add one):\n" + "\n".join(unlisted)
     stale = [r for r in TABLE if not any(r[0] == c.file and c.text.startswith(r[1]) for c in cmds)]
     assert not stale, f"rows whose command is no longer in the docs: {stale}"
-    for c in cmds:
-        row_of(c)                                  # exactly one row each
+    used = [row_of(c) for c in cmds]
+    shadowed = [r for r in TABLE if r not in used]
+    assert not shadowed, f"rows that no command uses (a longer row takes their commands): {shadowed}"
 
 
 # ------------------------------------------------------------------------------------------------ scaling down
@@ -283,9 +317,11 @@ def write_standins(cwd: Path) -> None:
     sd["decoder.0.weight"], sd["decoder.0.bias"] = torch.randn(PATCH_PIXELS, 32, 1, 1), torch.zeros(PATCH_PIXELS)
     for where in (cwd, cwd / "ckpt"):
         torch.save({"model": sd}, where / "simmim_pretrain__vit_base__img224__800ep.pth")
+    torch.save({"model": sd}, cwd / "simmim_pretrain.pth")                           # `mimlab probe --help`
     # official DeiT: {'model': state dict with its classifier}
     for arch, path in (("deit_base_patch16_224", cwd / "deit_base_patch16_224-b5f2ef4d.pth"),
                        ("deit_base_patch16_224", cwd / "ckpt/deit_base_patch16_224-b5f2ef4d.pth"),
+                       ("deit_base_patch16_224", cwd / "deit_base.pth"),
                        ("deit_small_patch16_224", cwd / "deit.pth")):
         torch.save({"model": _timm(arch, _vit_kw(), num_classes=10).state_dict()}, path)
     # official MAE pretraining: encoder + decoder in {'model': ...}

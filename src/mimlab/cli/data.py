@@ -13,7 +13,15 @@ HELP = {"fractals": "FractalDB-style categories: a random IFS per class, rendere
         "fractal-leaves": "a fractal class over a dead-leaves background (the default pretraining data)"}
 
 
+EPILOG = """examples:
+  mimlab data fractal-leaves --classes 100 --per-class 50 --val-per-class 10 --size 64 --out data/fl64
+  mimlab data depth --out data/depth
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     for kind in KINDS:
         p = sub.add_parser(kind, help=HELP[kind], description=HELP[kind])

@@ -8,7 +8,12 @@ def _epilog() -> str:
     from mimlab.reproduce.presets import StudyConfig
 
     keys = "\n".join(f"  {k:<22} {v}" for k, v in StudyConfig.HELP.items())
-    return ("study config keys (a --config file sets any of them; values per preset: docs/reproduce.md, or "
+    examples = ("examples:\n"
+                "  mimlab reproduce --preset quick --out runs/demo\n"
+                "  mimlab reproduce --preset cpu --print-config > study.yaml\n"
+                "  mimlab reproduce --config study.yaml --out runs/mine --list-stages\n"
+                "  mimlab reproduce --config study.yaml --out runs/mine\n\n")
+    return (examples + "study config keys (a --config file sets any of them; values per preset: docs/reproduce.md, or "
             "--print-config):\n" + keys)
 
 

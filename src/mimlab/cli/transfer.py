@@ -11,10 +11,21 @@ from mimlab.cli.pretrain import TRACKER_NAMES
 from mimlab.transfer.tasks import TASK_NAMES, TASKS
 from mimlab.transfer.tasks.options import all_options
 
+EPILOG = """examples:
+  mimlab data keypoints --out data/kp
+  mimlab transfer --task keypoints --backbone simmim=vit_tiny_patch16_224@runs/simmim/model.safetensors \\
+      --model-kwargs img_size=32,patch_size=4,depth=6,embed_dim=128,num_heads=4 --data data/kp --out runs/kp_simmim
+  mimlab data finegrained --out data/fg
+  mimlab transfer --task classify --backbone deit=deit_small_patch16_224@deit.pth --data data/fg \\
+      --out runs/fg_deit --mode linear
+"""
+
 FLAGS = {"backbone": "--backbone", "num_workers": "--workers", "progress": "--no-progress", "out_dir": "--out"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
     p.add_argument("--task", required=True, choices=TASK_NAMES, help="the downstream task")
     p.add_argument("--backbone", required=True, metavar="MODEL",
                    help="[LABEL=]ARCH[@CHECKPOINT]: a timm architecture, optionally with a local checkpoint "
