@@ -67,6 +67,7 @@ def add_downstream_subcommands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
         p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
         for name, (typ, default, opt_help) in options.items():
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=default,
                            help=f"{opt_help} (default {default})")
@@ -75,11 +76,14 @@ def add_downstream_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_downstream_subcommand(args: argparse.Namespace) -> int:
     """Run the sub-command parsed by `add_downstream_subcommands`; prints a one-line summary."""
+    import time
+
     from mimlab.data.downstream import KINDS, generate
 
     kind = args._generate
     params = {name: getattr(args, name) for name in KINDS[kind][3]}
-    meta = generate(kind, args.out, seed=args.seed, overwrite=args.overwrite, **params)
-    print(f"wrote {kind} dataset to {args.out}: " + ", ".join(f"{k}={v}" for k, v in meta.items()
-                                                              if k not in ("classes", "kind")))
+    t0 = time.perf_counter()
+    meta = generate(kind, args.out, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, **params)
+    print(f"wrote {kind} dataset to {args.out} in {time.perf_counter() - t0:.1f} s: "
+          + ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("classes", "kind")))
     return 0

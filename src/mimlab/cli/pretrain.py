@@ -145,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
         callbacks.append(online_probe(args.probe_every, args.probe_images, cfg.data, cfg.seed))
     res = pretrain(cfg, callbacks)
     if res.model_path is not None:
-        loss = f"{res.final_loss:.4f}" if res.final_loss is not None else "n/a"
-        ips = f"{res.img_per_s:.0f} img/s" if res.img_per_s else "n/a"
-        print(f"pretrain: {args.method} step {res.step}, final loss {loss}, {ips}; wrote {res.model_path}")
+        if res.img_per_s is None:            # nothing ran in this call (a finished run resumed)
+            done = "no steps run in this call"
+        else:
+            warm = " (one logging interval: warm-up included)" if res.train.img_per_s_with_warmup else ""
+            done = f"final loss {res.final_loss:.4f}, {res.img_per_s:.0f} img/s{warm}"
+        print(f"pretrain: {args.method} step {res.step}, {done}; wrote {res.model_path}")
     return 0

@@ -100,3 +100,4 @@ class TrainResult:
     stopped_early: bool = False
     skipped_samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    img_per_s_with_warmup: bool = False   # a run of one logging interval: its rate includes the first steps' warm-up

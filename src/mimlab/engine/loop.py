@@ -338,6 +338,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
     amp = autocast_context(cfg.precision, device)
     rate_images = 0
     rate_time = 0.0
+    warm_images, warm_time = 0, 0.0      # the first interval (allocator, kernels, loader start): a short run's only one
     first_interval = True
     t_mark = time.perf_counter()
     bpe = sampler.batches_per_epoch
@@ -378,7 +379,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
                 logger.log({"step": done, **row}, stream=cb.name)
 
     def flush() -> None:
-        nonlocal rate_images, rate_time, first_interval, t_mark
+        nonlocal rate_images, rate_time, warm_images, warm_time, first_interval, t_mark
         rows = pending.drain(info)
         if not rows:
             return
@@ -387,6 +388,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
         ips = len(rows) * cfg.batch_size / dt if dt > 0 else float("nan")
         if first_interval:
             first_interval = False
+            warm_images, warm_time = len(rows) * cfg.batch_size, dt
         else:
             rate_images += len(rows) * cfg.batch_size
             rate_time += dt
@@ -493,5 +495,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
     result.skipped_samples = sum(all_gather_objects(result.skipped_samples, info))
     result.final_loss = result.losses[-1] if result.losses else None
     result.img_per_s = rate_images / rate_time if rate_time > 0 else None
+    if result.img_per_s is None and warm_time > 0:
+        result.img_per_s, result.img_per_s_with_warmup = warm_images / warm_time, True
     result.elapsed_s = time.perf_counter() - t_start
     return result

@@ -415,7 +415,8 @@ def _pretrain(cfg: PretrainConfig, callbacks: Sequence["Callback"]) -> PretrainR
         if not result.stopped_early:
             model_path = _export(method.net, cfg, kwargs, out)
         run["result"] = {"step": result.step, "finished": not result.stopped_early, "final_loss": result.final_loss,
-                         "img_per_s": result.img_per_s, "elapsed_s": round(result.elapsed_s, 3),
+                         "img_per_s": result.img_per_s, "img_per_s_with_warmup": result.img_per_s_with_warmup,
+                         "elapsed_s": round(result.elapsed_s, 3),
                          "resumed_from_step": result.start_step or None, "skipped_images": result.skipped_samples,
                          "model": str(model_path) if model_path else None,
                          "checkpoint": str(result.checkpoint) if result.checkpoint else None}

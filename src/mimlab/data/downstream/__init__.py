@@ -45,10 +45,12 @@ def _generator(kind: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(f"mimlab.data.downstream.{module}"), func)
 
 
-def generate(kind: str, out: str | Path, *, seed: int = 0, overwrite: bool = False, **params: Any) -> dict:
-    """Write synthetic dataset `kind` to `out`; returns the parameters (also written to `out/dataset.json`)."""
+def generate(kind: str, out: str | Path, *, seed: int = 0, overwrite: bool = False, progress: bool = False,
+             **params: Any) -> dict:
+    """Write synthetic dataset `kind` to `out`; returns the parameters (also written to `out/dataset.json`).
+    `progress`: a progress bar on stderr."""
     known = set(KINDS.get(kind, ("", "", "", {}))[3])
     unknown = set(params) - known
     if kind in KINDS and unknown:
         raise MimlabError(f"synthetic '{kind}': unknown parameter(s) {sorted(unknown)} (known: {sorted(known)})")
-    return _generator(kind)(out, seed=seed, overwrite=overwrite, **params)
+    return _generator(kind)(out, seed=seed, overwrite=overwrite, progress=progress, **params)

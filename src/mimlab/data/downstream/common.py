@@ -66,3 +66,12 @@ def check_positive(**values: float) -> None:
     for name, v in values.items():
         if v is None or v <= 0:
             raise MimlabError(f"{name} must be > 0 (got {v})")
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
+    """A tqdm bar on stderr (a no-op bar when not `enabled`)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mimlab.errors import ConfigError
-from mimlab.data.downstream.common import check_positive, prepare_out, rng_for, smooth_noise, to_uint8
+from mimlab.data.downstream.common import check_positive, prepare_out, rng_for, smooth_noise, to_uint8, progress_bar
 
 MAX_DEPTH_M = 10.0
 
@@ -84,17 +84,20 @@ def render_scene(width: int, height: int, rng: np.random.Generator) -> tuple[np.
 
 
 def generate_depth(out: str | Path, *, train_images: int = 800, val_images: int = 100, width: int = 64,
-                   height: int = 48, seed: int = 0, overwrite: bool = False) -> dict:
+                   height: int = 48, seed: int = 0, overwrite: bool = False,
+                   progress: bool = False) -> dict:
     """Write the layered-scene depth dataset in the NYUv2 layout; returns its parameters."""
     check_positive(train_images=train_images, val_images=val_images, width=width, height=height)
     for name, value in (("width", width), ("height", height)):
         if value < 16:
             raise ConfigError(name, f"must be >= 16 px (got {width}x{height})")
     out = prepare_out(out, overwrite, ("train", "val", "train.txt", "val.txt"))
+    bar = progress_bar(train_images + val_images, "depth", progress, unit="img")
     for split_id, (split, n) in enumerate((("train", train_images), ("val", val_images))):
         (out / split).mkdir(parents=True, exist_ok=True)
         lines = []
         for i in range(n):
+            bar.update(1)
             img, depth, f = render_scene(width, height, rng_for(seed, split_id, i))
             rgb, dpt = f"{split}/rgb_{i:05d}.png", f"{split}/depth_{i:05d}.png"
             Image.fromarray(img).save(out / rgb)
@@ -104,4 +107,5 @@ def generate_depth(out: str | Path, *, train_images: int = 800, val_images: int 
     meta = {"kind": "depth", "format": "nyu", "depth_scale": 1000.0, "max_depth": MAX_DEPTH_M,
             "train_images": train_images, "val_images": val_images, "width": width, "height": height, "seed": seed}
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    bar.close()
     return meta

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from mimlab.errors import ConfigError
 from mimlab.data.downstream.common import (check_positive, prepare_out, rgb255, rng_for, textured_background,
-                                              to_uint8)
+                                              progress_bar, to_uint8)
 
 EYE_COLOURS = ((0.95, 0.1, 0.1), (0.1, 0.3, 1.0), (1.0, 0.9, 0.05))
 SPOT_COLOURS = {"red": (0.95, 0.1, 0.1), "blue": (0.1, 0.3, 1.0), "yellow": (1.0, 0.9, 0.05)}
@@ -78,21 +78,25 @@ def draw_bird(size: int, class_name: str, rng: np.random.Generator) -> np.ndarra
 
 
 def generate_finegrained(out: str | Path, *, num_classes: int = 6, train_per_class: int = 200,
-                         val_per_class: int = 50, size: int = 32, seed: int = 0, overwrite: bool = False) -> dict:
+                         val_per_class: int = 50, size: int = 32, seed: int = 0, overwrite: bool = False,
+                         progress: bool = False) -> dict:
     """Write the fine-grained ImageFolder dataset; returns the parameters written to `dataset.json`."""
     check_positive(train_per_class=train_per_class, val_per_class=val_per_class, size=size)
     if size < 16:
         raise ConfigError("size", f"must be >= 16 px for the details to be drawable (got {size})")
     names = class_names(num_classes)
     out = prepare_out(out, overwrite, ("train", "val"))
+    bar = progress_bar(num_classes * (train_per_class + val_per_class), "finegrained", progress, unit="img")
     for split_id, (split, n) in enumerate((("train", train_per_class), ("val", val_per_class))):
         for ci, name in enumerate(names):
             d = out / split / name
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
+                bar.update(1)
                 img = draw_bird(size, name, rng_for(seed, split_id, ci, i))
                 Image.fromarray(img).save(d / f"{i:05d}.png")
     meta = {"kind": "finegrained", "format": "imagefolder", "classes": names, "train_per_class": train_per_class,
             "val_per_class": val_per_class, "size": size, "seed": seed}
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    bar.close()
     return meta

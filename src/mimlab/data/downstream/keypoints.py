@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from mimlab.errors import ConfigError
 from mimlab.data.downstream.common import (check_positive, prepare_out, rgb255, rng_for, textured_background,
-                                              to_uint8)
+                                              progress_bar, to_uint8)
 
 KEYPOINT_NAMES = ["head", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist",
                   "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"]
@@ -115,12 +115,14 @@ def _annotation(ann_id: int, image_id: int, kp: np.ndarray, size: int) -> dict:
 
 
 def generate_keypoints(out: str | Path, *, train_images: int = 600, val_images: int = 100, size: int = 64,
-                       max_figures: int = 2, seed: int = 0, overwrite: bool = False) -> dict:
+                       max_figures: int = 2, seed: int = 0, overwrite: bool = False,
+                       progress: bool = False) -> dict:
     """Write the stick-figure keypoint dataset in the COCO layout; returns its parameters."""
     check_positive(train_images=train_images, val_images=val_images, size=size, max_figures=max_figures)
     if size < 32:
         raise ConfigError("size", f"must be >= 32 px for figures to be drawable (got {size})")
     out = prepare_out(out, overwrite, ("train", "val", "annotations"))
+    bar = progress_bar(train_images + val_images, "keypoints", progress, unit="img")
     category = {"id": 1, "name": "figure", "supercategory": "figure", "keypoints": KEYPOINT_NAMES,
                 "skeleton": SKELETON}
     ann_id = 1
@@ -128,6 +130,7 @@ def generate_keypoints(out: str | Path, *, train_images: int = 600, val_images: 
         (out / split).mkdir(parents=True, exist_ok=True)
         images, anns = [], []
         for i in range(n):
+            bar.update(1)
             rng = rng_for(seed, split_id, i)
             img, kps = render_image(size, int(rng.integers(1, max_figures + 1)), rng)
             name = f"{i:06d}.png"
@@ -144,4 +147,5 @@ def generate_keypoints(out: str | Path, *, train_images: int = 600, val_images: 
     meta = {"kind": "keypoints", "format": "coco", "num_keypoints": len(KEYPOINT_NAMES), "train_images": train_images,
             "val_images": val_images, "size": size, "max_figures": max_figures, "seed": seed}
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    bar.close()
     return meta

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from mimlab.errors import ConfigError
 from mimlab.data.downstream.common import check_positive, prepare_out, rgb255, rng_for, textured_background, \
-    to_uint8
+    to_uint8, progress_bar
 
 SHAPES = ("disc", "square", "diamond", "triangle")
 PATTERNS = ("stripes", "dot", "halves")
@@ -110,7 +110,8 @@ def render_sequence(frame: int, length: int, rng: np.random.Generator) -> tuple[
 
 
 def generate_tracking(out: str | Path, *, train_sequences: int = 80, val_sequences: int = 20, length: int = 60,
-                      size: int = 96, seed: int = 0, overwrite: bool = False) -> dict:
+                      size: int = 96, seed: int = 0, overwrite: bool = False,
+                      progress: bool = False) -> dict:
     """Write the moving-target sequences in the GOT-10k layout; returns their parameters."""
     check_positive(train_sequences=train_sequences, val_sequences=val_sequences, length=length, size=size)
     if length < 2:
@@ -118,9 +119,11 @@ def generate_tracking(out: str | Path, *, train_sequences: int = 80, val_sequenc
     if size < 32:
         raise ConfigError("size", f"must be >= 32 px (got {size})")
     out = prepare_out(out, overwrite, ("train", "val"))
+    bar = progress_bar(train_sequences + val_sequences, "tracking", progress, unit="seq")
     for split_id, (split, n) in enumerate((("train", train_sequences), ("val", val_sequences))):
         names = []
         for i in range(n):
+            bar.update(1)
             name = f"GOT-10k_{split.capitalize()}_{i + 1:06d}"
             d = out / split / name
             d.mkdir(parents=True, exist_ok=True)
@@ -133,4 +136,5 @@ def generate_tracking(out: str | Path, *, train_sequences: int = 80, val_sequenc
     meta = {"kind": "tracking", "format": "got10k", "train_sequences": train_sequences,
             "val_sequences": val_sequences, "length": length, "size": size, "seed": seed}
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    bar.close()
     return meta
