@@ -122,3 +122,25 @@ def test_no_checkpoint_warns_loudly_and_is_recorded(data, tmp_path, capsys):
     assert ("WARNING: vit_tiny_patch16_224 has no checkpoint: RANDOM INITIALISATION (seed 0); this transfer "
             "measures an untrained backbone") in err
     assert json.loads((out / "metrics.json").read_text())["backbone"]["random_init"] is True
+
+
+def test_crop_scale_is_low_high_like_pretrain_and_one_number_still_works(data, tmp_path, capsys):
+    from mimlab.errors import ConfigError
+    from mimlab.transfer.tasks.options import area_range
+
+    assert area_range("0.5,0.9") == (0.5, 0.9) and area_range((0.3, 1)) == (0.3, 1.0) and area_range(0.8) == (0.8, 1.0)
+    for bad in ("0.9,0.5", "0,1", "1.2", "a,b", "0.1,0.2,0.3"):
+        with pytest.raises(ConfigError, match="crop_scale"):
+            area_range(bad)
+    metrics = {}
+    for form in ("0.5", "0.5,1"):
+        out = tmp_path / form
+        assert main(["transfer", "--task", "classify", "--data", str(data / "fg"), "--out", str(out), *COMMON,
+                     "--crop-scale", form]) == 0
+        err = capsys.readouterr().err
+        assert ("note: --crop-scale 0.5 (one number) is deprecated; use --crop-scale 0.5,1" in err) == (form == "0.5")
+        metrics[form] = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["0.5"] == metrics["0.5,1"]                 # the same crops: LOW means LOW,1
+    assert main(["transfer", "--task", "classify", "--data", str(data / "fg"), "--out", str(tmp_path / "bad"),
+                 *COMMON, "--crop-scale", "0.9,0.5"]) == 2
+    assert "--crop-scale must be LOW,HIGH" in capsys.readouterr().err and not (tmp_path / "bad" / "metrics.json").exists()

@@ -71,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("task options (each applies to the task named in its help)")
     for name, (typ, default, help_text) in all_options().items():
         t.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
+                       metavar="LOW,HIGH" if name == "crop_scale" else None,
                        help=help_text if "default" in help_text else f"{help_text} (default {default!r})")
 
 
@@ -91,8 +92,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from mimlab.transfer.api import format_summary, run_transfer
 
+    if args.crop_scale is not None and "," not in args.crop_scale:      # the one-number form before LOW,HIGH
+        print(f"note: --crop-scale {args.crop_scale} (one number) is deprecated; use --crop-scale "
+              f"{args.crop_scale},1 (LOW,HIGH, as in pretrain)", file=sys.stderr)
     report = run_transfer(config_from_args(args))
     if report:
         print(format_summary(report))

@@ -16,7 +16,7 @@ from mimlab.transfer.geometry import crop_matrix, warp, to_tensor
 from mimlab.transfer.heads import LinearHead
 from mimlab.transfer.metrics.classification import classification_metrics, majority_baseline
 from mimlab.transfer.tasks.base import TaskRun, TransferModel
-from mimlab.transfer.tasks.options import CLASSIFY as CLASSIFY_OPTIONS
+from mimlab.transfer.tasks.options import CLASSIFY as CLASSIFY_OPTIONS, area_range
 
 OPTIONS = CLASSIFY_OPTIONS
 
@@ -39,8 +39,8 @@ def _center_view(img: np.ndarray, out: tuple[int, int]) -> np.ndarray:
 
 
 class ClassifyDataset(SeededDataset):
-    def __init__(self, split: ImageFolderSplit, size: tuple[int, int], mean, std, train: bool, crop_scale: float,
-                 hflip: bool):
+    def __init__(self, split: ImageFolderSplit, size: tuple[int, int], mean, std, train: bool,
+                 crop_scale: tuple[float, float], hflip: bool):
         self.split, self.size, self.mean, self.std = split, size, mean, std
         self.train, self.crop_scale, self.hflip = train, crop_scale, hflip
 
@@ -54,7 +54,7 @@ class ClassifyDataset(SeededDataset):
             return to_tensor(_center_view(img, self.size), self.mean, self.std), label
         rng = np.random.default_rng(seed)
         h, w = img.shape[:2]
-        area = rng.uniform(self.crop_scale, 1.0) * h * w
+        area = rng.uniform(*self.crop_scale) * h * w
         ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
         cw, ch = min(w, np.sqrt(area * ar)), min(h, np.sqrt(area / ar))
         cx, cy = rng.uniform(cw / 2, w - cw / 2), rng.uniform(ch / 2, h - ch / 2)
@@ -65,15 +65,14 @@ class ClassifyDataset(SeededDataset):
 def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_batch_size: int) -> TaskRun:
     if opts["pool"] not in ("mean", "cls"):
         raise ConfigError("pool", f"must be 'mean' or 'cls', got '{opts['pool']}'")
-    if not 0 < opts["crop_scale"] <= 1:
-        raise ConfigError("crop_scale", f"must be in (0, 1], got {opts['crop_scale']}")
+    crop_scale = area_range(opts["crop_scale"])
     train_split, val_split = find_imagefolder(data)
     n_cls = len(train_split.classes)
     if n_cls < 2:
         raise ConfigError("data", f"{data}: need at least 2 classes, found {n_cls}")
     size = (backbone.info.img_size[1], backbone.info.img_size[0])
     mean, std = backbone.info.mean, backbone.info.std
-    train_set = ClassifyDataset(train_split, size, mean, std, True, opts["crop_scale"], bool(opts["hflip"]))
+    train_set = ClassifyDataset(train_split, size, mean, std, True, crop_scale, bool(opts["hflip"]))
     val_set = ClassifyDataset(val_split, size, mean, std, False, 1.0, False)
     model = ClassifyModel(backbone, n_cls, opts["pool"], frozen=mode == "linear")
     smoothing = opts["label_smoothing"]

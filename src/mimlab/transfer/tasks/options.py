@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from mimlab.errors import ConfigError
+
 OptionSpec = dict[str, tuple[type, Any, str]]
 
 CLASSIFY: OptionSpec = {
     "pool": (str, "mean", "classify: 'mean' (patch tokens) or 'cls' token features"),
-    "crop_scale": (float, 0.8, "classify: smallest area fraction of the training random-resized crop"),
+    "crop_scale": (str, "0.8,1", "classify: area range LOW,HIGH of the training random-resized crop (as in "
+                                 "pretrain; one number LOW is deprecated and means LOW,1)"),
     "hflip": (int, 1, "classify: random horizontal flips in training (1/0)"),
     "label_smoothing": (float, 0.0, "classify: label smoothing of the cross-entropy"),
 }
@@ -64,3 +67,24 @@ def all_options() -> OptionSpec:
         for k, v in spec.items():
             merged.setdefault(k, v)
     return merged
+
+
+def area_range(value: Any, name: str = "crop_scale") -> tuple[float, float]:
+    """A crop's area range (LOW, HIGH), 0 < LOW <= HIGH <= 1, from "LOW,HIGH", a pair, or one number LOW
+    (the older form: LOW,1)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+    elif isinstance(value, (tuple, list)):
+        parts = list(value)
+    else:
+        parts = [value]
+    try:
+        nums = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"expected LOW,HIGH (e.g. 0.8,1), got {value!r}") from None
+    if len(nums) == 1:
+        nums.append(1.0)
+    if len(nums) != 2 or not 0 < nums[0] <= nums[1] <= 1:
+        raise ConfigError(name, f"must be LOW,HIGH with 0 < LOW <= HIGH <= 1, got {value!r}")
+    return nums[0], nums[1]
+
