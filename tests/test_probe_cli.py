@@ -136,3 +136,21 @@ def test_data_defaults_to_builtin_with_a_note(tmp_path, capsys):
                  "--bootstrap", "0", "--workers", "0", "--quiet", "--no-report", "--out", str(tmp_path / "o")]) == 0
     assert "note: --data not given: probing the built-in images (--data builtin)" in capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["provenance"]["data"]["kind"] == "builtin"
+
+
+def test_threads_option_sets_torch_threads_for_the_run_and_records_them(tmp_path, capsys, monkeypatch):
+    import torch
+
+    seen = []
+    import mimlab.probe.run as run_mod
+    real = run_mod.run_probe
+    monkeypatch.setattr(run_mod, "run_probe", lambda cfg: (seen.append(torch.get_num_threads()), real(cfg))[1])
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    out = tmp_path / "t"
+    assert main(["probe", "vit_tiny_patch16_224", "--model-kwargs", KW, "--images", "8", "--batch-size", "4",
+                 "--bootstrap", "0", "--threads", str(want), "--out", str(out)]) == 0
+    assert seen == [want] and torch.get_num_threads() == before            # set for the run, put back after
+    assert json.loads((out / "metrics.json").read_text())["provenance"]["torch_threads"] == want
+    assert main(["probe", "vit_tiny_patch16_224", "--threads", "0", "--out", str(tmp_path / "z")]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "z").exists()

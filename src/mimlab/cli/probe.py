@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mimlab.cli.common import add_threads_argument, threads_for
+
 from mimlab.models.checkpoints import FORMATS as CHECKPOINT_FORMATS
 
 EPILOG = """examples:
@@ -68,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the checkpoint's key layout (default: detected from its key names; docs/checkpoints.md)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for the forward")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    add_threads_argument(p)
     p.add_argument("--img-size", type=_size, default=None, metavar="N|HxW",
                    help="build the timm models for this input size (default: each model's own); a checkpoint's "
                         "position embedding of another grid is then resampled as timm does (recorded)")
@@ -126,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     from mimlab.probe.run import run_probe, summary_lines
 
     cfg = config_from_args(args)
-    result, paths = run_probe(cfg)
+    with threads_for(args.threads):
+        result, paths = run_probe(cfg)
     if result.rank != 0:                      # torchrun / srun: rank 0 writes and prints
         return 0
     if cfg.out and cfg.report:

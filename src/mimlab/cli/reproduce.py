@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mimlab.cli.common import add_threads_argument, threads_for
+
 
 def _epilog() -> str:
     from mimlab.reproduce.presets import StudyConfig
@@ -30,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rerun a stage (and what depends on it) even if cached, e.g. probe or transfer; repeatable")
     p.add_argument("--device", default=None, help="override the preset's device (auto, cpu, cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_argument(p)
     p.add_argument("--list-stages", action="store_true",
                    help="check the study config and print the stage graph (name, depends on, cached) without running")
     p.add_argument("--stage", action="append", default=[], metavar="NAME",
@@ -44,10 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     from mimlab.errors import MimlabError
-    from mimlab.reproduce.pipeline import Study
     from mimlab.reproduce.presets import build_config, load_config_file
 
     if args.preset and args.config:
@@ -62,6 +62,15 @@ def run(args: argparse.Namespace) -> int:
 
         print(config_yaml(cfg), end="")
         return 0
+    with threads_for(args.threads):
+        return _run(args, cfg)
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
+    import time
+
+    from mimlab.reproduce.pipeline import Study
+
     study = Study(cfg, args.out, force=tuple(args.force), progress=not args.quiet)   # checks every stage's config
     if args.list_stages:
         rows = study.stage_table()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from mimlab.cli.common import deprecated_alias
+from mimlab.cli.common import add_threads_argument, threads_for, deprecated_alias
 from mimlab.cli.pretrain import TRACKER_NAMES
 from mimlab.transfer.tasks import TASK_NAMES, TASKS
 from mimlab.transfer.tasks.options import all_options
@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", dest="num_workers", type=int, default=0,
                    help="data loader worker processes (default 0)")
     deprecated_alias(g, "--num-workers", "--workers", "num_workers", type=int)
+    add_threads_argument(g)
     g.add_argument("--normalize", choices=("imagenet", "timm"), default="imagenet",
                    help="input mean/std: imagenet (as mimlab pretrain, SimMIM, MAE, DeiT; default) or timm (the "
                         "architecture's pretrained_cfg)")
@@ -99,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if args.crop_scale is not None and "," not in args.crop_scale:      # the one-number form before LOW,HIGH
         print(f"note: --crop-scale {args.crop_scale} (one number) is deprecated; use --crop-scale "
               f"{args.crop_scale},1 (LOW,HIGH, as in pretrain)", file=sys.stderr)
-    report = run_transfer(config_from_args(args))
+    cfg = config_from_args(args)
+    with threads_for(args.threads):
+        report = run_transfer(cfg)
     if report:
         print(format_summary(report))
         print(f"wrote {args.out}/metrics.json")

@@ -15,9 +15,14 @@ from typing import Any
 from mimlab.errors import ConfigError, MimlabError
 
 
-def run_stage_job(cfg: Any, out: str, name: str) -> dict[str, Any]:
-    """One stage, in a fresh process (what a submitit job runs)."""
+def run_stage_job(cfg: Any, out: str, name: str, threads: int | None = None) -> dict[str, Any]:
+    """One stage, in a fresh process (what a submitit job runs), with `threads` torch threads if given."""
     from mimlab.reproduce.pipeline import Study
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     rec = Study(cfg, out, progress=False).run_stage(name)
     return {"name": name, "seconds": rec.seconds, "cached": rec.skipped}
@@ -55,10 +60,11 @@ def submit_study(study, args: argparse.Namespace, folder: str | None = None, loc
                 after = [jobs[d].job_id for d in study.plan[name].deps if d in jobs]
                 extra = {"dependency": "afterok:" + ":".join(after)} if after else {}
                 executor.update_parameters(name=f"mimlab:{name}", slurm_additional_parameters=extra)
-                jobs[name] = executor.submit(run_stage_job, study.cfg, str(study.out), name)
+                jobs[name] = executor.submit(run_stage_job, study.cfg, str(study.out), name, args.threads)
         return list(jobs.values())
     for wave in levels:                               # local: no job dependencies, so wave after wave
-        submitted = {name: executor.submit(run_stage_job, study.cfg, str(study.out), name) for name in wave}
+        submitted = {name: executor.submit(run_stage_job, study.cfg, str(study.out), name, args.threads)
+                     for name in wave}
         for name, job in submitted.items():
             try:
                 job.result()

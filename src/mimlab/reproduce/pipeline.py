@@ -253,9 +253,18 @@ class Study:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
+        from mimlab.reproduce.progress import StudyClock, stage_work
+
         self.log(self.cfg.scale_line())
-        for st in self.plan.values():
-            self.runner.run(st.name, st.config, st.build, deps=st.deps)
+        stages = list(self.plan.values())
+        cached = {st.name for st in stages if self.finished(st.name) is not None}
+        work = {st.name: stage_work(st.config) for st in stages}
+        clock = StudyClock(len(stages))
+        for k, st in enumerate(stages, 1):
+            todo = [(s.name, work[s.name]) for s in stages[k - 1:] if s.name not in cached]
+            rec = self.runner.run(st.name, st.config, st.build, deps=st.deps, note=clock.note(k, todo))
+            if not rec.skipped:
+                clock.ran(st.name, rec.seconds, work[st.name])
         return self.report()
 
     def report(self) -> dict[str, Any]:

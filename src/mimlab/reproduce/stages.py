@@ -132,7 +132,7 @@ class StageRunner:
         return self.root / "locks" / name.replace("/", "__")
 
     def run(self, name: str, config: Any, fn: Callable[[Path], dict[str, Any]],
-            deps: tuple[str, ...] = ()) -> StageRecord:
+            deps: tuple[str, ...] = (), note: str = "") -> StageRecord:
         """Run `fn(stage_dir) -> outputs` unless a finished stage with the same key exists. `config`: the stage's
         config object (a dataclass; its `NOT_IN_KEY` fields are left out of the key) or a plain dict. The stage is
         locked while it runs (`ROOT/locks/NAME`), so stages run by separate processes (`--stage`) never collide."""
@@ -152,10 +152,10 @@ class StageRunner:
                 return done
             if self.stage_dir(name).exists():
                 remove_stale_temps(self.stage_dir(name), recursive=True)   # a killed attempt's half-written files
-            return self._run(name, config, fn, deps)
+            return self._run(name, config, fn, deps, note)
 
     def _run(self, name: str, config: Any, fn: Callable[[Path], dict[str, Any]],
-             deps: tuple[str, ...]) -> StageRecord:
+             deps: tuple[str, ...], note: str = "") -> StageRecord:
         key = self.key(name, config, deps)
         d = self.stage_dir(name)
         marker = d / MARKER
@@ -166,7 +166,7 @@ class StageRunner:
             shutil.rmtree(d)                      # finished with another config, or forced: start clean
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(pending, {"name": name, "key": key})   # an interrupted run resumes only with this key
-        self.log(f"[run ] {name}")
+        self.log(f"[run ] ({note}) {name}" if note else f"[run ] {name}")      # the name last (scripts read it)
         t0 = time.perf_counter()
         outputs = fn(d) or {}
         seconds = time.perf_counter() - t0
