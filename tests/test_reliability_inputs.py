@@ -12,6 +12,7 @@ docs/reliability.md lists the same rows as a table. `test_table_size` pins the c
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -658,6 +659,26 @@ def all_cka_nan(res, d):
     assert (d / "const_out" / "report.html").is_file()
 
 
+def holding_lock(run: Callable, out: str, verb: str = "mimlab probe"):
+    """`run` while another process holds the run lock of `d / out` (`mimlab.utils.lock.run_lock`); the message
+    must name that process's pid."""
+    def wrapped(ctx: dict, d: Path, capsys=None) -> Outcome:
+        code = ("import sys; from mimlab.utils.lock import run_lock\n"
+                f"with run_lock(sys.argv[1], verb={verb!r}):\n    print('held', flush=True); sys.stdin.read()")
+        holder = subprocess.Popen([sys.executable, "-c", code, str(d / out)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                      sys.path)))
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            out_ = run(ctx, d, capsys)
+            assert out_.rc != 2 or f"pid {holder.pid} " in out_.message, out_.message
+            return out_
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+    return wrapped
+
+
 # ------------------------------------------------------------------------------------------------ checks
 def rgb_equals(expected_first_row: list[tuple[int, int, int]]):
     def check(res, d):
@@ -746,6 +767,8 @@ CASES: list[Case] = [
     Case("probe/1x1-and-elongated-images", tiny_and_elongated, probe_cli(images=3), Ok(_probe_ok(3))),
     Case("probe/worker-process-error-one-line", folder_with("trunc_png"), subprocess_probe,
          Error("imgs/a/0_trunc.png", "truncated")),
+    Case("probe/same-out-as-a-running-probe", lambda f, d: {"data": copy(f, "imgs", d)},
+         holding_lock(probe_cli(), "probe_out"), Error("probe_out", "in use by another run", "(mimlab probe)")),
     Case("probe/npy-nan-inf", npy("nan"), probe_cli(images=4), Error("x.npy", "image 2 holds NaN or inf")),
     Case("probe/npy-float64", npy("float64"), probe_cli(), Error("x.npy", "expected float32")),
     Case("probe/npy-wrong-shape", npy("shape"), probe_cli(), Error("x.npy", "N x 3 x H x W")),
@@ -932,9 +955,32 @@ def _param(c: Case):
     return pytest.param(c, id=c.id, marks=c.marks)
 
 
+def _snapshot(roots: list[Path]) -> dict[Path, str]:
+    """Every file under `roots` (links not followed) -> a digest of its bytes (or of its link target)."""
+    files: dict[Path, str] = {}
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                p = Path(dirpath) / n
+                data = os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+                files[p] = hashlib.sha256(data).hexdigest()
+    return files
+
+
+def untouched(before: dict[Path, str], after: dict[Path, str]) -> None:
+    """After an error, no file was written or changed: the input as it was, and no output but the released (empty)
+    run lock `.mimlab.lock` of a verb that takes it before checking its input."""
+    changed = sorted(str(p) for p in before if after.get(p) != before[p])
+    empty = hashlib.sha256(b"").hexdigest()
+    new = sorted(str(p) for p in after if p not in before and not (p.name == ".mimlab.lock" and after[p] == empty))
+    assert not changed and not new, f"an error wrote or changed files: changed {changed}, new {new}"
+
+
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_bad_input(case: Case, fixtures, tmp_path, capsys):
     ctx = case.build(fixtures, tmp_path)
+    roots = [tmp_path] + [Path(p) for p in (ctx.get("data"),) if p is not None and tmp_path not in Path(p).parents]
+    before = _snapshot(roots)
     out = case.run(ctx, tmp_path, capsys)
     if isinstance(case.expect, Error):
         assert out.rc == 2, f"expected a one-line error, got rc={out.rc}; stderr:\n{out.stderr[-3000:]}"
@@ -945,6 +991,7 @@ def test_bad_input(case: Case, fixtures, tmp_path, capsys):
             assert case.expect.file in msg, f"the message does not name {case.expect.file}: {msg}"
         for what in case.expect.what:
             assert what.lower() in msg.lower(), f"{what!r} not in: {msg}"
+        untouched(before, _snapshot(roots))
     else:
         assert out.rc == 0, f"expected success; got: {out.stderr[-3000:]}"
         if case.expect.check is not None:
