@@ -533,7 +533,8 @@ def checkpoint(kind: str):
         p = d / {"trunc_pth": "t.pth", "trunc_st": "t.safetensors", "empty": "e.pth", "text_st": "x.safetensors",
                  "deeper": "deeper.pth", "wider": "wider.pth", "resnet": "resnet.pth", "beit": "beit.pth",
                  "nan": "nan.safetensors", "evil_open": "evil.pth", "evil_system": "evil.pth",
-                 "evil_raw": "evil.pth", "evil_tar": "evil.pth.tar"}[kind]
+                 "evil_raw": "evil.pth", "evil_tar": "evil.pth.tar", "int_zeros": "zeros_int64.pth",
+                 "float_zeros": "zeros.safetensors", "fp16": "half.pth", "bf16": "bf16.safetensors"}[kind]
         marker = str(d / MARKER)
         if kind == "trunc_pth":
             shutil.copy(fixtures / "good.pth", p)
@@ -566,6 +567,12 @@ def checkpoint(kind: str):
             torch.save({"model": sd, "args": _OpenFile(marker)}, p)
         elif kind == "evil_system":
             torch.save({"model": {"cls_token": torch.zeros(1, 1, 32)}, "x": _System(marker)}, p)
+        elif kind in ("int_zeros", "float_zeros", "fp16", "bf16"):
+            sd = torch.load(fixtures / "good.pth", weights_only=True)
+            dtype = {"int_zeros": torch.int64, "float_zeros": torch.float32, "fp16": torch.float16,
+                     "bf16": torch.bfloat16}[kind]
+            save_state_dict({k: (v if kind in ("fp16", "bf16") else torch.zeros_like(v)).to(dtype)
+                             for k, v in sd.items()}, p)
         elif kind in ("evil_raw", "evil_tar"):
             p.write_bytes(pickle.dumps({"state_dict": _OpenFile(marker)}, protocol=2))
         return {"file": p, "marker": Path(marker), "data": None}
@@ -657,6 +664,33 @@ def probe_nan_input(ctx: dict, d: Path, capsys=None) -> Outcome:
 def all_cka_nan(res, d):
     assert np.isnan(np.asarray(res.cka["m/m"])).all()          # before: NaN diagonal, -inf off the diagonal
     assert (d / "const_out" / "report.html").is_file()
+
+
+def says(run: Callable, *words: str):
+    """`run`, and its stderr holds every one of `words` (case-insensitive): a warning or note that is also
+    recorded, as the row's check verifies."""
+    def wrapped(ctx: dict, d: Path, capsys=None) -> Outcome:
+        out = run(ctx, d, capsys)
+        if out.rc == 0:
+            for w in words:
+                assert w.lower() in out.stderr.lower(), f"{w!r} not on stderr:\n{out.stderr}"
+        return out
+    return wrapped
+
+
+def probe_model_record(key: str, value: Any):
+    """metrics.json records `key` for the probed model (its checkpoint record)."""
+    def check(res, d):
+        (rec,) = res["models"].values()
+        assert rec.get(key) == value, rec
+    return check
+
+
+def transfer_load_record(key: str, value: Any):
+    """metrics.json records `key` in the backbone's checkpoint load report."""
+    def check(res, d):
+        assert res["backbone"]["load_report"][key] == value, res["backbone"]["load_report"]
+    return check
 
 
 def holding_lock(run: Callable, out: str, verb: str = "mimlab probe"):
@@ -922,6 +956,24 @@ CASES: list[Case] = [
          transfer_cli("classify", backbone=f"{ARCH}@{{d}}/evil.pth"), Error("evil.pth", "not a weights-only")),
     Case("ckpt/transfer-malicious-raw-pickle", with_data(checkpoint("evil_tar"), "fg"),
          transfer_cli("track", backbone=f"{ARCH}@{{d}}/evil.pth.tar"), Error("evil.pth.tar", "not a weights-only")),
+    Case("ckpt/probe-int64-zeros", with_data(checkpoint("int_zeros"), "imgs"),
+         probe_cli(model=f"{ARCH}@{{d}}/zeros_int64.pth"),
+         Error("zeros_int64.pth", "integer tensors where the model holds floating-point", "cls_token (int64)")),
+    Case("ckpt/transfer-int64-zeros", with_data(checkpoint("int_zeros"), "fg"),
+         transfer_cli("classify", backbone=f"{ARCH}@{{d}}/zeros_int64.pth"),
+         Error("zeros_int64.pth", "integer tensors", "patch_embed.proj.weight (int64)")),
+    Case("ckpt/probe-all-constant-weights-warned", with_data(checkpoint("float_zeros"), "imgs"),
+         says(probe_cli(model=f"{ARCH}@{{d}}/zeros.safetensors"), "WARNING", "holds a single value"),
+         Ok(probe_model_record("checkpoint_constant_weights", True))),
+    Case("ckpt/transfer-all-constant-weights-warned", with_data(checkpoint("float_zeros"), "fg"),
+         says(transfer_cli("classify", backbone=f"{ARCH}@{{d}}/zeros.safetensors"), "WARNING", "single value"),
+         Ok(transfer_load_record("constant_weights", True))),
+    Case("ckpt/probe-fp16-noted", with_data(checkpoint("fp16"), "imgs"),
+         says(probe_cli(model=f"{ARCH}@{{d}}/half.pth"), "float16 -> float32"),
+         Ok(probe_model_record("checkpoint_cast", ["float16 -> float32"]))),
+    Case("ckpt/transfer-bf16-noted", with_data(checkpoint("bf16"), "fg"),
+         says(transfer_cli("classify", backbone=f"{ARCH}@{{d}}/bf16.safetensors"), "bfloat16 -> float32"),
+         Ok(transfer_load_record("cast_from", ["bfloat16 -> float32"]))),
     Case("ckpt/probe-hf-dir-malicious-bin", hf_evil, hf_probe, Error("hf", "pytorch_model.bin")),
     # --- NaN / inf activations during a probe ------------------------------------------------------------------
     Case("nan/probe-attention-weights-nan", nan_block_model, probe_nan_weights("attn"),

@@ -103,10 +103,25 @@ def build_models(cfg: ProbeConfig, quiet: bool = False) -> list[ProbeModel]:
             if report.resized:
                 extra["checkpoint_resized"] = report.resized
                 say(f"{spec.label}: resampled {', '.join(report.resized)} to the requested input size")
+            _checkpoint_notices(spec.label, report, extra, quiet)
         out.append(ProbeModel(label=spec.label, model=model, arch=spec.arch, checkpoint=spec.checkpoint,
                               checkpoint_sha256=report.sha256 if report is not None else None,
                               random_init=spec.checkpoint is None, extra=extra))
     return out
+
+
+def _checkpoint_notices(label: str, report, extra: dict[str, Any], quiet: bool) -> None:
+    """Half-precision weights cast up (a note) and all-constant weights (a warning), said and recorded."""
+    cast = report.cast_line()
+    if cast:
+        extra["checkpoint_cast"] = report.cast_from
+        if not quiet:
+            print(f"{label}: {cast}", file=sys.stderr)
+    warning = report.constant_warning()
+    if warning:
+        extra["checkpoint_constant_weights"] = True
+        if not quiet:
+            print(f"WARNING: {label}: {warning}", file=sys.stderr)
 
 
 def _head_text(keys: list[str]) -> str:
