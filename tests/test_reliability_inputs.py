@@ -515,6 +515,24 @@ def track_case(kind: str):
         elif kind == "corrupt_frame":
             target = seq / "00000002.jpg"
             truncate(target, 0.2)
+        elif kind == "off_frame_first":
+            lines[0] = "1e30,1e30,5,5"
+            gt.write_text("\n".join(lines) + "\n")
+        elif kind == "off_frame_train":
+            target = data / "train" / "GOT-10k_Train_000002" / "groundtruth.txt"
+            rows = target.read_text().splitlines()
+            rows[2] = "40,2,5,5"                   # right of the 32x32 frame
+            target.write_text("\n".join(rows) + "\n")
+        elif kind == "short_train":
+            target = data / "train" / "GOT-10k_Train_000001" / "groundtruth.txt"
+            target.write_text("\n".join(target.read_text().splitlines()[:2]) + "\n")
+        elif kind in ("first_frame_only", "all_first_frame_only"):
+            if kind == "first_frame_only":     # a second evaluation sequence in the test-split layout
+                seq = data / "val" / "GOT-10k_Val_000002"
+                shutil.copytree(data / "train" / "GOT-10k_Train_000001", seq)
+                (data / "val" / "list.txt").write_text("GOT-10k_Val_000001\nGOT-10k_Val_000002\n")
+                target = seq / "groundtruth.txt"
+            target.write_text(target.read_text().splitlines()[0] + "\n")
         elif kind == "lasot_missing":
             root = d / "lasot"
             for i, name in enumerate(["GOT-10k_Train_000001", "GOT-10k_Train_000002"]):
@@ -749,6 +767,11 @@ def pretrain_gray16_values(res, d):
     np.testing.assert_array_equal(img[0], np.round(raw * 255 / 65535))   # scaled, not clipped to white
 
 
+def track_first_frame_only(res, d):
+    assert res["data"]["num_val_first_frame_only"] == 1 and res["data"]["num_val_sequences"] == 1
+    track_ok(res, d)
+
+
 def track_ok(res, d):
     assert set(res["metrics"]) == {"suc", "precision", "norm_precision"}
     assert all(np.isfinite(v) for v in res["metrics"].values())
@@ -932,6 +955,18 @@ CASES: list[Case] = [
          Error("GOT-10k_Val_000001/groundtruth.txt", "no boxes")),
     Case("track/truncated-frame", track_case("corrupt_frame"), transfer_cli("track"),
          Error("GOT-10k_Val_000001/00000002.jpg", "cannot read image")),
+    Case("track/first-box-off-frame", track_case("off_frame_first"), transfer_cli("track"),
+         Error("GOT-10k_Val_000001/groundtruth.txt", ":1:", "1e+30,1e+30,5,5", "00000001.jpg",
+               "does not intersect the 32x32 frame")),
+    Case("track/training-box-off-frame", track_case("off_frame_train"), transfer_cli("track"),
+         Error("GOT-10k_Train_000002/groundtruth.txt", ":3:", "00000003.jpg", "does not intersect")),
+    Case("track/groundtruth-shorter-than-frames", track_case("short_train"), transfer_cli("track"),
+         Error("GOT-10k_Train_000001/groundtruth.txt", "2 boxes for 4 frames", "first-frame-only")),
+    Case("track/test-split-first-frame-only-not-scored", track_case("first_frame_only"),
+         says(transfer_cli("track"), "1 evaluation sequence(s) have only their first frame's box", "not scored"),
+         Ok(track_first_frame_only)),
+    Case("track/every-eval-sequence-first-frame-only", track_case("all_first_frame_only"), transfer_cli("track"),
+         Error("GOT-10k_Val_000001/groundtruth.txt", "only its first frame's box", "nothing can be scored")),
     Case("track/lasot-list-names-missing-sequence", track_case("lasot_missing"), transfer_cli("track"),
          Error("lasot/testing_set.txt", "cat-7")),
     # --- model checkpoints ---------------------------------------------------------------------------------------
