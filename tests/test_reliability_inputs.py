@@ -348,6 +348,17 @@ def symlink_loop(fixtures: Path, d: Path) -> dict:
     return {"data": data, "file": data}
 
 
+def broken_symlink(name: str):
+    """A copy of dataset `name` with an image-named broken symbolic link (`x.png` -> a missing file) in its first
+    image folder."""
+    def build(fixtures: Path, d: Path) -> dict:
+        data = copy(fixtures, name, d)
+        folder = data / "a" if name == "imgs" else sorted((data / "train").iterdir())[0]
+        (folder / "x.png").symlink_to(d / "missing.png")
+        return {"data": data, "file": folder / "x.png"}
+    return build
+
+
 def tiny_and_elongated(fixtures: Path, d: Path) -> dict:
     data = d / "odd"
     data.mkdir()
@@ -821,6 +832,8 @@ CASES: list[Case] = [
     Case("probe/only-empty-subfolders-and-text", only_empty_subfolders, probe_cli(), Error("nested", "no images found")),
     Case("probe/non-image-files-ignored", non_image_files_beside_images, probe_cli(images=8), Ok(_probe_ok(8))),
     Case("probe/symlink-loop-no-hang", symlink_loop, probe_cli(images=8), Ok(_probe_ok(8))),
+    Case("probe/broken-symlink-listed", broken_symlink("imgs"),
+         says(probe_cli(images=8), "skipped 1 image name(s)", "a/x.png (broken symlink)"), Ok(_probe_ok(8))),
     Case("probe/1x1-and-elongated-images", tiny_and_elongated, probe_cli(images=3), Ok(_probe_ok(3))),
     Case("probe/worker-process-error-one-line", folder_with("trunc_png"), subprocess_probe,
          Error("imgs/a/0_trunc.png", "truncated")),
@@ -866,6 +879,8 @@ CASES: list[Case] = [
     Case("classify/zero-byte-val-image",
          lambda f, d: (lambda data: {"data": data, "file": truncate(sorted((data / "val").rglob("*.png"))[0], 0.0)})(
              copy(f, "fg", d)), transfer_cli("classify"), Error("fg/val", "cannot identify")),
+    Case("classify/broken-symlink-listed", broken_symlink("fg"),
+         says(transfer_cli("classify"), "skipped 1 image name(s)", "x.png (broken symlink)"), Ok()),
     Case("classify/empty-data-folder", empty_folder, transfer_cli("classify"), Error("empty", "expected ImageFolder")),
     Case("classify/class-folder-without-images",
          lambda f, d: (lambda data: [shutil.rmtree(p) or p.mkdir() for p in [sorted((data / "val").iterdir())[0]]]
