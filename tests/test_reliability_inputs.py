@@ -48,13 +48,16 @@ MARKER = "PWNED"  # file a malicious pickle would create if it were executed
 @dataclass
 class Error:
     """A one-line error (exit code 2 / MimlabError) naming `file` (relative to the case folder) and matching
-    every string of `what` (case-insensitive)."""
+    every string of `what` (case-insensitive); no file written or changed (`untouched`). `late`: the bad file is
+    found when it is read during the run (transfer reads images lazily, by design), so the run's logs and
+    checkpoints may exist; the input is still unchanged and no result (metrics.json) is written."""
 
     file: str | None
     what: tuple[str, ...]
+    late: bool = False
 
-    def __init__(self, file: str | None, *what: str):
-        self.file, self.what = file, what
+    def __init__(self, file: str | None, *what: str, late: bool = False):
+        self.file, self.what, self.late = file, what, late
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Outcome:
     message: str = ""         # the error line (CLI) or str(MimlabError) (API)
     stderr: str = ""
     result: Any = None
+    stdout: str = ""
 
 
 @dataclass
@@ -167,9 +171,9 @@ class _System:
 def _cli(argv: list[str], capsys) -> Outcome:
     capsys.readouterr()
     rc = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    return Outcome(rc=rc, message=lines[-1] if lines else "", stderr=err)
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.strip().splitlines() if ln.strip()]
+    return Outcome(rc=rc, message=lines[-1] if lines else "", stderr=cap.err, stdout=cap.out)
 
 
 def _api(fn: Callable[[], Any]) -> Outcome:
@@ -230,6 +234,33 @@ def subprocess_probe(ctx: dict, d: Path, capsys=None) -> Outcome:
     lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING: ")]
     assert len(lines) == 1, r.stderr            # exactly one error line besides the random-init warning
     return Outcome(rc=r.returncode, message=lines[0], stderr=r.stderr)
+
+
+TORCH_WARNS = """
+import sys, warnings, torch
+_load = torch.load
+def load(*a, **k):          # what torch 2.4-2.5 print at a torch.load (two lines: the warning and the caller's line)
+    warnings.warn("You are using `torch.load` with `weights_only=False` (the current default value), which uses the "
+                  "default pickle module implicitly.", FutureWarning, stacklevel=2)
+    return _load(*a, **k)
+torch.load = load
+from mimlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def subprocess_probe_torch_warns(ckpt: str):
+    """`mimlab probe ARCH@CKPT` as a process whose torch.load warns as torch 2.4-2.5 do: the complete stderr must
+    be the refusal alone."""
+    def run(ctx: dict, d: Path, capsys=None) -> Outcome:
+        r = subprocess.run([sys.executable, "-c", TORCH_WARNS, "probe", f"{ARCH}@{d / ckpt}", "--model-kwargs",
+                            KW_TEXT, "--data", str(ctx["data"]), "--images", "2", "--workers", "0", "--quiet",
+                            "--no-report", "--no-cka"], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path)))
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1, r.stderr
+        return Outcome(rc=r.returncode, message=lines[0], stderr=r.stderr)
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -479,11 +510,12 @@ def depth_case(kind: str):
         elif kind == "split_missing":
             dep.unlink()
             target = data / "train.txt"
-        elif kind == "all_invalid":
-            for line in (data / "train.txt").read_text().splitlines():
+        elif kind in ("all_invalid", "val_all_invalid"):
+            split = data / ("train.txt" if kind == "all_invalid" else "val.txt")
+            for line in split.read_text().splitlines():
                 dp = data / line.split()[1].lstrip("/")
                 Image.fromarray(np.zeros(np.asarray(Image.open(dp)).shape, np.uint16)).save(dp)
-            target = data / "train.txt"
+            target = split
         elif kind == "rgb_corrupt":
             rgb.write_bytes(b"")
             target = rgb
@@ -563,7 +595,8 @@ def checkpoint(kind: str):
                  "deeper": "deeper.pth", "wider": "wider.pth", "resnet": "resnet.pth", "beit": "beit.pth",
                  "nan": "nan.safetensors", "evil_open": "evil.pth", "evil_system": "evil.pth",
                  "evil_raw": "evil.pth", "evil_tar": "evil.pth.tar", "int_zeros": "zeros_int64.pth",
-                 "float_zeros": "zeros.safetensors", "fp16": "half.pth", "bf16": "bf16.safetensors"}[kind]
+                 "float_zeros": "zeros.safetensors", "fp16": "half.pth", "bf16": "bf16.safetensors",
+                 "evil_pkl": "evil.pkl"}[kind]
         marker = str(d / MARKER)
         if kind == "trunc_pth":
             shutil.copy(fixtures / "good.pth", p)
@@ -602,7 +635,7 @@ def checkpoint(kind: str):
                      "bf16": torch.bfloat16}[kind]
             save_state_dict({k: (v if kind in ("fp16", "bf16") else torch.zeros_like(v)).to(dtype)
                              for k, v in sd.items()}, p)
-        elif kind in ("evil_raw", "evil_tar"):
+        elif kind in ("evil_raw", "evil_tar", "evil_pkl"):
             p.write_bytes(pickle.dumps({"state_dict": _OpenFile(marker)}, protocol=2))
         return {"file": p, "marker": Path(marker), "data": None}
     return build
@@ -693,6 +726,16 @@ def probe_nan_input(ctx: dict, d: Path, capsys=None) -> Outcome:
 def all_cka_nan(res, d):
     assert np.isnan(np.asarray(res.cka["m/m"])).all()          # before: NaN diagonal, -inf off the diagonal
     assert (d / "const_out" / "report.html").is_file()
+
+
+def only_line(run: Callable):
+    """`run`, and a refusal prints nothing but its error line (stdout and stderr together)."""
+    def wrapped(ctx: dict, d: Path, capsys=None) -> Outcome:
+        out = run(ctx, d, capsys)
+        lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+        assert out.rc != 2 or lines == [out.message], f"more than the error line:\n{out.stdout}{out.stderr}"
+        return out
+    return wrapped
 
 
 def says(run: Callable, *words: str):
@@ -869,16 +912,22 @@ CASES: list[Case] = [
          Error("imgs/b/9_empty.png", "cannot identify")),
     Case("pretrain/decompression-bomb", pretrain_folder("bomb"), pretrain_cli(batch=9), Error("imgs/b/9_bomb.png", "limit")),
     Case("pretrain/empty-folder", empty_folder, pretrain_cli(), Error("empty", "no images found")),
+    Case("pretrain/negative-steps-only-line", lambda f, d: {"data": copy(f, "imgs", d)},
+         only_line(pretrain_cli(extra=("--steps", "-5"))), Error(None, "--steps must be >= 1, got -5")),
+    Case("pretrain/zero-batch-size-only-line", lambda f, d: {"data": copy(f, "imgs", d)},
+         only_line(pretrain_cli(batch=0)), Error(None, "--batch-size must be >= 1, got 0")),
+    Case("pretrain/lr-nan-only-line", lambda f, d: {"data": copy(f, "imgs", d)},
+         only_line(pretrain_cli(extra=("--lr", "nan"))), Error(None, "--lr must be a positive number, got nan")),
     Case("pretrain/empty-class-folder-ignored", pretrain_folder("empty_class"), pretrain_cli("supervised"),
          Ok(pretrain_classes(2))),
     Case("pretrain/16bit-images-scaled", pretrain_folder("gray16"), pretrain_cli(), Ok(pretrain_gray16_values)),
     # --- transfer classify (ImageFolder) ------------------------------------------------------------------------
     Case("classify/truncated-train-image",
          lambda f, d: (lambda data: {"data": data, "file": truncate(sorted((data / "train").rglob("*.png"))[0], 0.4)})(
-             copy(f, "fg", d)), transfer_cli("classify"), Error("fg/train", "cannot read image")),
+             copy(f, "fg", d)), transfer_cli("classify"), Error("fg/train", "cannot read image", late=True)),
     Case("classify/zero-byte-val-image",
          lambda f, d: (lambda data: {"data": data, "file": truncate(sorted((data / "val").rglob("*.png"))[0], 0.0)})(
-             copy(f, "fg", d)), transfer_cli("classify"), Error("fg/val", "cannot identify")),
+             copy(f, "fg", d)), transfer_cli("classify"), Error("fg/val", "cannot identify", late=True)),
     Case("classify/broken-symlink-listed", broken_symlink("fg"),
          says(transfer_cli("classify"), "skipped 1 image name(s)", "x.png (broken symlink)"), Ok()),
     Case("classify/empty-data-folder", empty_folder, transfer_cli("classify"), Error("empty", "expected ImageFolder")),
@@ -915,6 +964,9 @@ CASES: list[Case] = [
     Case("keypoints/visible-keypoint-just-outside-accepted",
          coco(lambda c: c["annotations"][1]["keypoints"].__setitem__(slice(0, 3), [33.5, -2, 2])),
          transfer_cli("keypoints"), Ok()),
+    Case("keypoints/visibility-not-0-1-2-plain-numbers",
+         coco(lambda c: c["annotations"][0]["keypoints"].__setitem__(2, 3)), transfer_cli("keypoints"),
+         Error("person_keypoints_train.json", "visibility must be 0, 1 or 2", "3.0]")),
     Case("keypoints/keypoint-value-not-a-number",
          coco(lambda c: c["annotations"][0]["keypoints"].__setitem__(0, "12")), transfer_cli("keypoints"),
          Error("person_keypoints_train.json", "must be a finite number")),
@@ -927,7 +979,7 @@ CASES: list[Case] = [
     Case("keypoints/image-file-missing", coco_image("missing"), transfer_cli("keypoints"),
          Error("kp/train", "image file not found")),
     Case("keypoints/image-file-truncated", coco_image("truncated"), transfer_cli("keypoints"),
-         Error("kp/train", "cannot read image")),
+         Error("kp/train", "cannot read image", late=True)),
     # --- transfer depth (split files + 16-bit PNGs) -------------------------------------------------------------
     Case("depth/8-bit-depth-png", depth_case("8bit"), transfer_cli("depth"), Error("depth/train", "is 8-bit")),
     Case("depth/rgb-depth-png", depth_case("rgb8"), transfer_cli("depth"), Error("depth/train", "RGB")),
@@ -948,6 +1000,8 @@ CASES: list[Case] = [
          Error("depth/train.txt", "depth map not found")),
     Case("depth/no-valid-depth-pixel", depth_case("all_invalid"), transfer_cli("depth"),
          Error("depth/train.txt", "no valid depth pixel")),
+    Case("depth/no-valid-depth-pixel-in-val", depth_case("val_all_invalid"), transfer_cli("depth", steps=50),
+         Error("depth/val.txt", "no evaluation image has a valid depth pixel")),
     Case("depth/zero-byte-rgb", depth_case("rgb_corrupt"), transfer_cli("depth"),
          Error("depth/train", "cannot identify")),
     # --- transfer track (GOT-10k / LaSOT) -----------------------------------------------------------------------
@@ -969,7 +1023,7 @@ CASES: list[Case] = [
     Case("track/groundtruth-empty", track_case("empty"), transfer_cli("track"),
          Error("GOT-10k_Val_000001/groundtruth.txt", "no boxes")),
     Case("track/truncated-frame", track_case("corrupt_frame"), transfer_cli("track"),
-         Error("GOT-10k_Val_000001/00000002.jpg", "cannot read image")),
+         Error("GOT-10k_Val_000001/00000002.jpg", "cannot read image", late=True)),
     Case("track/first-box-off-frame", track_case("off_frame_first"), transfer_cli("track"),
          Error("GOT-10k_Val_000001/groundtruth.txt", ":1:", "1e+30,1e+30,5,5", "00000001.jpg",
                "does not intersect the 32x32 frame")),
@@ -1031,6 +1085,8 @@ CASES: list[Case] = [
     Case("ckpt/transfer-bf16-noted", with_data(checkpoint("bf16"), "fg"),
          says(transfer_cli("classify", backbone=f"{ARCH}@{{d}}/bf16.safetensors"), "bfloat16 -> float32"),
          Ok(transfer_load_record("cast_from", ["bfloat16 -> float32"]))),
+    Case("ckpt/probe-raw-pkl-refusal-alone", with_data(checkpoint("evil_pkl"), "imgs"),
+         subprocess_probe_torch_warns("evil.pkl"), Error("evil.pkl", "not a weights-only checkpoint")),
     Case("ckpt/probe-hf-dir-malicious-bin", hf_evil, hf_probe, Error("hf", "pytorch_model.bin")),
     # --- NaN / inf activations during a probe ------------------------------------------------------------------
     Case("nan/probe-attention-weights-nan", nan_block_model, probe_nan_weights("attn"),
@@ -1057,6 +1113,20 @@ FIXED = {
     "depth/decompression-bomb-depth", "depth/split-file-not-text", "track/first-box-nan", "track/first-box-zero-width",
     "track/groundtruth-not-text", "track/lasot-list-names-missing-sequence", "ckpt/probe-nan-weights",
     "ckpt/transfer-nan-weights", "nan/probe-constant-layer-cka-undefined", "nan/probe-api-nan-in-input-tensor",
+    # the second sweep (issue 17: no input passes silently, every error before the work); the depth rows and the
+    # hf: row of the first sweep fail against the code before it: depth errors came after training had started
+    # (tensorboard events written; no-valid-depth-pixel only after the whole training), the hf: message held
+    # torch's terminal escape codes
+    "probe/same-out-as-a-running-probe", "probe/broken-symlink-listed", "classify/broken-symlink-listed",
+    "pretrain/negative-steps-only-line", "pretrain/zero-batch-size-only-line", "pretrain/lr-nan-only-line",
+    "keypoints/visible-keypoint-far-outside-image", "keypoints/visibility-not-0-1-2-plain-numbers",
+    "depth/8-bit-depth-png", "depth/rgb-depth-png", "depth/float-tiff-depth", "depth/truncated-depth-png",
+    "depth/depth-size-differs-from-image", "depth/no-valid-depth-pixel", "depth/no-valid-depth-pixel-in-val",
+    "depth/zero-byte-rgb", "track/first-box-off-frame", "track/training-box-off-frame",
+    "track/groundtruth-shorter-than-frames", "track/test-split-first-frame-only-not-scored",
+    "track/every-eval-sequence-first-frame-only", "ckpt/probe-int64-zeros", "ckpt/transfer-int64-zeros",
+    "ckpt/probe-all-constant-weights-warned", "ckpt/transfer-all-constant-weights-warned", "ckpt/probe-fp16-noted",
+    "ckpt/transfer-bf16-noted", "ckpt/probe-raw-pkl-refusal-alone", "ckpt/probe-hf-dir-malicious-bin",
 }
 
 
@@ -1076,12 +1146,13 @@ def _snapshot(roots: list[Path]) -> dict[Path, str]:
     return files
 
 
-def untouched(before: dict[Path, str], after: dict[Path, str]) -> None:
+def untouched(before: dict[Path, str], after: dict[Path, str], late: bool = False) -> None:
     """After an error, no file was written or changed: the input as it was, and no output but the released (empty)
-    run lock `.mimlab.lock` of a verb that takes it before checking its input."""
+    run lock `.mimlab.lock` of a verb that takes it before checking its input. `late` (see `Error`): no result."""
     changed = sorted(str(p) for p in before if after.get(p) != before[p])
     empty = hashlib.sha256(b"").hexdigest()
-    new = sorted(str(p) for p in after if p not in before and not (p.name == ".mimlab.lock" and after[p] == empty))
+    new = sorted(str(p) for p in after if p not in before and not (p.name == ".mimlab.lock" and after[p] == empty)
+                 and not (late and p.name != "metrics.json"))
     assert not changed and not new, f"an error wrote or changed files: changed {changed}, new {new}"
 
 
@@ -1096,11 +1167,13 @@ def test_bad_input(case: Case, fixtures, tmp_path, capsys):
         assert "Traceback" not in out.stderr, out.stderr[-3000:]
         msg = out.message
         assert msg and "\n" not in msg.strip(), msg
+        assert "np.float" not in msg and "np.int" not in msg, f"a numpy repr in the message: {msg}"
+        assert "\x1b" not in msg, f"terminal escape codes in the message: {msg!r}"
         if case.expect.file is not None:
             assert case.expect.file in msg, f"the message does not name {case.expect.file}: {msg}"
         for what in case.expect.what:
             assert what.lower() in msg.lower(), f"{what!r} not in: {msg}"
-        untouched(before, _snapshot(roots))
+        untouched(before, _snapshot(roots), case.expect.late)
     else:
         assert out.rc == 0, f"expected success; got: {out.stderr[-3000:]}"
         if case.expect.check is not None:
@@ -1115,4 +1188,4 @@ def test_table_size():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
     assert FIXED <= set(ids)
-    assert (len(CASES), len(FIXED)) == (98, 29)
+    assert (len(CASES), len(FIXED)) == (120, 58)

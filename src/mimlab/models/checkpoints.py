@@ -129,8 +129,10 @@ def _torch_load(path: Path) -> Any:
 
     import torch
 
+    from mimlab.utils.io import no_pickle_warning
+
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), no_pickle_warning():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimlab.errors import ConfigError, MimlabError
+from mimlab.errors import ConfigError, MimlabError, plain
 
 # COCO's per-keypoint OKS sigmas (Ronchi & Perona 2017; cocoapi), by keypoint name.
 COCO_SIGMAS = {"nose": 0.026, "left_eye": 0.025, "right_eye": 0.025, "left_ear": 0.035, "right_ear": 0.035,
@@ -174,7 +174,7 @@ def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_imag
                               f"got {len(kps) if isinstance(kps, list) else type(kps).__name__}")
         kps = np.array([_num(v, "keypoint value", where) for v in kps]).reshape(k, 3)
         if not np.isin(kps[:, 2], (0, 1, 2)).all():
-            raise MimlabError(f"{where}: keypoint visibility must be 0, 1 or 2 (got {sorted(set(kps[:, 2]))})")
+            raise MimlabError(f"{where}: keypoint visibility must be 0, 1 or 2 (got {sorted(set(plain(kps[:, 2])))})")
         area = _num(ann["area"], "area", where)
         ann.setdefault("num_keypoints", int((kps[:, 2] > 0).sum()))
         ann.setdefault("iscrowd", 0)
