@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 
-from mimlab.engine.dist import slurm_environment
+from mimlab.engine.dist import launch_rank, slurm_environment
 from mimlab.errors import ConfigError
 from mimlab.probe.distributed import BatchPlan
 
@@ -121,6 +121,16 @@ def test_batch_plan_covers_every_image_once():
         assert plans[0].sizes == tuple(min(bs, n - i) for i in range(0, n, bs))   # one process's batches
     with pytest.raises(ConfigError, match="batch_size 8 cuts 10 images into 2 batch.*fewer than the 3 processes"):
         BatchPlan.make(10, 8, 0, 3)
+
+
+def test_launch_rank_before_any_process_group():
+    """The rank that holds the --out lock is known before the process group exists: torchrun's RANK, or srun's
+    SLURM_PROCID in a step of several tasks (as `slurm_environment` maps it), else 0."""
+    assert launch_rank({}) == 0 and launch_rank({"RANK": "2", "WORLD_SIZE": "4"}) == 2
+    step = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}
+    assert launch_rank(step) == 3 == int(slurm_environment({**step, "MASTER_ADDR": "h", "MASTER_PORT": "1"})["RANK"])
+    assert launch_rank({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == 0        # the sbatch script itself
+    assert launch_rank({**step, "WORLD_SIZE": "4", "RANK": "1"}) == 1           # torchrun's variables win
 
 
 def test_slurm_environment_mapping():

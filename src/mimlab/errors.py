@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 
 class MimlabError(Exception):
@@ -40,3 +41,17 @@ def clean_worker_message(e: BaseException) -> str:
     last = text.splitlines()[-1]   # "mimlab.errors.MimlabError: <message>" (or a subclass)
     m = re.match(r"^[A-Za-z_][\w.]*: (.*)$", last)
     return m.group(1) if m else last
+
+
+def plain(value: Any) -> Any:
+    """`value` as a message should show it: numpy (and torch) scalars and arrays as Python numbers and lists, so a
+    message says 2.0, not np.float64(2.0); containers element-wise, a set as a sorted list."""
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain(v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    return value

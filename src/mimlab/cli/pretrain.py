@@ -120,11 +120,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def trackers_from_args(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """--tracker values; --no-tensorboard (deprecated) is --tracker csv."""
-    import sys
-
+    """--tracker values; --no-tensorboard (deprecated, noted by `run` once the config is valid) is --tracker csv."""
     if getattr(args, "no_tensorboard", False):
-        print("note: --no-tensorboard is deprecated; use --tracker csv", file=sys.stderr)
         return tuple(t for t in (args.trackers or ["csv"]) if t != "tensorboard")
     return tuple(args.trackers) if args.trackers else None
 
@@ -139,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
         from mimlab.errors import ConfigError
 
         raise ConfigError("probe_every", f"must be >= 0, got {args.probe_every}")
+    if args.no_tensorboard:                       # after the checks: an error is the only line of a refused run
+        import sys
+
+        print("note: --no-tensorboard is deprecated; use --tracker csv", file=sys.stderr)
     if args.probe_every:
         from mimlab.probe.online import online_probe
 

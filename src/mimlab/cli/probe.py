@@ -129,14 +129,17 @@ def run(args: argparse.Namespace) -> int:
     from mimlab.probe.run import run_probe, summary_lines
 
     cfg = config_from_args(args)
+
+    def report(result, paths: dict) -> None:          # rank 0, while run_probe still holds the --out lock
+        if cfg.out and cfg.report:
+            from mimlab.report import write_probe_report
+
+            paths.update(write_probe_report(result.to_dict(), cfg.out))
+
     with threads_for(args.threads):
-        result, paths = run_probe(cfg)
+        result, paths = run_probe(cfg, finish=report)
     if result.rank != 0:                      # torchrun / srun: rank 0 writes and prints
         return 0
-    if cfg.out and cfg.report:
-        from mimlab.report import write_probe_report
-
-        paths.update(write_probe_report(result.to_dict(), cfg.out))
     if not args.quiet:
         print("\n".join(summary_lines(result)))
         print(f"{result.num_images} images in {result.seconds:.1f} s ({result.images_per_second:.1f} img/s)")

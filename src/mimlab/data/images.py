@@ -34,12 +34,36 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+SKIPPED_SHOWN = 5      # paths named in the warning about skipped entries
+
+
 def image_files(root: Path, recursive: bool = True) -> list[Path]:
     """The image files in `root` (by extension, case-insensitive), sorted by their path relative to `root`: the one
-    folder scanner of mimlab (the probe's folders, pretraining's class folders, the transfer ImageFolder splits)."""
+    folder scanner of mimlab (the probe's folders, pretraining's class folders, the transfer ImageFolder splits).
+
+    Entries with an image name that are not files (a broken symbolic link, a socket) are skipped, and said on
+    stderr: their count and the first few paths."""
     found = root.rglob("*") if recursive else root.iterdir()
-    return sorted((p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                  key=lambda p: p.relative_to(root).as_posix())
+    files, skipped = [], []
+    for p in found:
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if p.is_file():
+            files.append(p)
+        elif not p.is_dir():
+            skipped.append(p)
+    key = lambda p: p.relative_to(root).as_posix()          # noqa: E731
+    if skipped:
+        _warn_skipped(root, sorted(skipped, key=key))
+    return sorted(files, key=key)
+
+
+def _warn_skipped(root: Path, skipped: list[Path]) -> None:
+    shown = ", ".join(f"{p.relative_to(root).as_posix()} ({'broken symlink' if p.is_symlink() else 'not a file'})"
+                      for p in skipped[:SKIPPED_SHOWN])
+    more = f", ... (+{len(skipped) - SKIPPED_SHOWN} more)" if len(skipped) > SKIPPED_SHOWN else ""
+    print(f"warning: {root}: skipped {len(skipped)} image name(s) that are not readable files: {shown}{more}",
+          file=sys.stderr)
 
 
 def list_images(root: str | Path, param: str = "data") -> list[Path]:

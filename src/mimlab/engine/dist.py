@@ -82,6 +82,17 @@ def slurm_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+def launch_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank as its launcher set it (torchrun's RANK, or srun's SLURM_PROCID in a step of several
+    tasks), readable before any process group exists: 0 for a plain process."""
+    env = os.environ if env is None else env
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "WORLD_SIZE" not in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+        return int(env.get("SLURM_PROCID", "0") or 0)
+    return 0
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Read torchrun's variables (or SLURM's, see `slurm_environment`) and initialise the process group if needed;
     pins the CUDA device."""

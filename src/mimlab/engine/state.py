@@ -100,8 +100,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a training checkpoint with ``torch.load(weights_only=True)``: tensors and plain data only, so a
     crafted file cannot run code; anything else is refused with a one-line error naming the file."""
     path = Path(path)
+    from mimlab.utils.io import no_pickle_warning
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with no_pickle_warning():
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand (\S+)", str(e))
         what = (f"it needs the Python object {m.group(1)}" if m and m.group(1) else

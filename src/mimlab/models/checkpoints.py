@@ -52,6 +52,22 @@ class LoadReport:
     unused_dropped: list[str] = field(default_factory=list)    # checkpoint tensors the caller does not use
     unused_at_init: list[str] = field(default_factory=list)    # model tensors the caller does not use, left at init
     resized: list[str] = field(default_factory=list)           # tensors resampled to the model's grid
+    cast_from: list[str] = field(default_factory=list)         # half-precision casts, 'float16 -> float32'
+    constant_weights: bool = False                             # every loaded weight tensor holds a single value
+
+    def cast_line(self) -> str | None:
+        """One line for the user when half-precision weights were cast up to the model's dtype, or None."""
+        if not self.cast_from:
+            return None
+        return (f"half-precision checkpoint: weights cast {', '.join(self.cast_from)} (exactly; the precision is the "
+                "checkpoint's)")
+
+    def constant_warning(self) -> str | None:
+        """A warning when every loaded weight tensor is constant (all zeros, say): a degenerate model, or None."""
+        if not self.constant_weights:
+            return None
+        return (f"every weight tensor loaded from {self.path} holds a single value (e.g. all zeros): a degenerate "
+                "model whose numbers describe no trained network")
 
     def unused_line(self) -> str | None:
         """One line for the user about the parts of the checkpoint the caller does not use, or None."""
@@ -113,8 +129,10 @@ def _torch_load(path: Path) -> Any:
 
     import torch
 
+    from mimlab.utils.io import no_pickle_warning
+
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), no_pickle_warning():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
@@ -631,6 +649,44 @@ def _check_finite(sd: Mapping[str, "torch.Tensor"], params: set[str], origin: Ma
                           f"every number computed from it would be meaningless")
 
 
+HALF = ("float16", "bfloat16")
+
+
+def _check_dtypes(sd: Mapping[str, "torch.Tensor"], model_sd: Mapping[str, "torch.Tensor"],
+                  origin: Mapping[str, str], path: Path) -> list[str]:
+    """Refuse integer (or boolean) tensors where the model holds floating-point weights: casting them gives a model
+    of whole numbers (all-zero int64 tensors, a model of zeros). Returns the half-precision casts up to the model's
+    floating dtype ("float16 -> float32")."""
+    bad, half = [], set()
+    for k, v in sd.items():
+        target = model_sd[k]
+        if not target.is_floating_point():
+            continue
+        if not v.is_floating_point():
+            bad.append(f"{origin.get(k, k)} ({str(v.dtype).replace('torch.', '')})")
+        elif v.dtype != target.dtype and str(v.dtype).replace("torch.", "") in HALF:
+            half.add(f"{v.dtype} -> {target.dtype}".replace("torch.", ""))
+    if bad:
+        raise MimlabError(f"checkpoint '{path}' has {len(bad)} integer tensors where the model holds floating-point "
+                          f"weights: {_preview(bad)}; refusing to cast them (a checkpoint of whole numbers is not "
+                          "a trained model)")
+    return sorted(half)
+
+
+def _all_constant(sd: Mapping[str, "torch.Tensor"], params: set[str]) -> bool:
+    """Every loaded floating-point parameter holds a single value (stops at the first that does not)."""
+    import torch
+
+    weights = [v for k, v in sd.items() if k in params and v.is_floating_point() and v.numel()]
+    if not weights:
+        return False
+    for v in weights:
+        flat = v.reshape(-1)
+        if not bool(torch.all(flat == flat[0])):
+            return False
+    return True
+
+
 def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: str = "auto",
                     drop_keys: Iterable[str] = (), allow_missing: Iterable[str] = (), unused: Iterable[str] = (),
                     resize_pos_embed: bool = False) -> LoadReport:
@@ -686,7 +742,9 @@ def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: s
     if allowed:
         notes.append(f"{len(allowed)} model tensors keep their initialisation (allow_missing)")
 
-    _check_finite(sd, {name for name, _ in model.named_parameters()}, conv.origin, p)
+    params = {name for name, _ in model.named_parameters()}
+    cast_from = _check_dtypes(sd, model_sd, conv.origin, p)
+    _check_finite(sd, params, conv.origin, p)
     cast = sorted({f"{sd[k].dtype}->{model_sd[k].dtype}".replace("torch.", "") for k in sd
                    if sd[k].dtype != model_sd[k].dtype})
     if cast:
@@ -696,7 +754,8 @@ def load_checkpoint(model: "torch.nn.Module", path: str | os.PathLike, *, fmt: s
     model.load_state_dict(full, strict=True)
     return LoadReport(path=str(p), format=conv.format, sha256=sha256_file(p), dropped=dropped,
                       allowed_missing=allowed, notes=notes, num_loaded=len(sd), unused_dropped=unused_dropped,
-                      unused_at_init=unused_at_init, resized=list(conv.resized))
+                      unused_at_init=unused_at_init, resized=list(conv.resized), cast_from=cast_from,
+                      constant_weights=_all_constant(sd, params))
 
 
 # ------------------------------------------------------------------------------------------------------------ saving

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,17 @@ def load_hf_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     verbosity, bars = log.get_verbosity(), log.is_progress_bar_enabled()
     log.set_verbosity_error()               # its load table of unused keys: mimlab says it in one line instead
     log.disable_progress_bar()
+    from mimlab.utils.io import no_pickle_warning
+
     try:
-        model, loading = cls.from_pretrained(str(path), attn_implementation="eager", local_files_only=True,
-                                             output_loading_info=True, **kwargs)
+        with no_pickle_warning():
+            model, loading = cls.from_pretrained(str(path), attn_implementation="eager", local_files_only=True,
+                                                 output_loading_info=True, **kwargs)
     except pickle.UnpicklingError as e:   # transformers loads .bin files with weights_only=True: refused, not run
         bins = ", ".join(sorted(p.name for p in Path(path).glob("*.bin"))) or "a pickle file"
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip().splitlines()[0])[:200]    # torch's bold escapes
         raise MimlabError(f"hf:{path}: refusing {bins}: not a weights-only checkpoint, loading it would run code "
-                          f"({str(e).strip().splitlines()[0][:200]}); convert it to safetensors where you trust "
-                          "it") from None
+                          f"({why}); convert it to safetensors where you trust it") from None
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise MimlabError(f"hf:{path}: cannot load {cls.__name__}: {str(e).strip().splitlines()[0]}") from None
     finally:

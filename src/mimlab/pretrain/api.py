@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from mimlab.errors import ConfigError, MimlabError
+from mimlab.errors import ConfigError, MimlabError, plain
 
 if TYPE_CHECKING:
     from mimlab.data.spec import DataSpec
@@ -236,7 +236,7 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.crop_scale is not None:
         cs = tuple(cfg.crop_scale)
         if len(cs) != 2 or not all(isinstance(v, (int, float)) for v in cs) or not 0 < cs[0] <= cs[1] <= 1:
-            raise ConfigError("crop_scale", f"must be LOW,HIGH with 0 < LOW <= HIGH <= 1, got {cfg.crop_scale}")
+            raise ConfigError("crop_scale", f"must be LOW,HIGH with 0 < LOW <= HIGH <= 1, got {plain(cfg.crop_scale)}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError("threads", f"must be >= 1, got {cfg.threads}")
     for name in ("steps", "batch_size", "accum_steps"):

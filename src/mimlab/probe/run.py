@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -103,10 +103,25 @@ def build_models(cfg: ProbeConfig, quiet: bool = False) -> list[ProbeModel]:
             if report.resized:
                 extra["checkpoint_resized"] = report.resized
                 say(f"{spec.label}: resampled {', '.join(report.resized)} to the requested input size")
+            _checkpoint_notices(spec.label, report, extra, quiet)
         out.append(ProbeModel(label=spec.label, model=model, arch=spec.arch, checkpoint=spec.checkpoint,
                               checkpoint_sha256=report.sha256 if report is not None else None,
                               random_init=spec.checkpoint is None, extra=extra))
     return out
+
+
+def _checkpoint_notices(label: str, report, extra: dict[str, Any], quiet: bool) -> None:
+    """Half-precision weights cast up (a note) and all-constant weights (a warning), said and recorded."""
+    cast = report.cast_line()
+    if cast:
+        extra["checkpoint_cast"] = report.cast_from
+        if not quiet:
+            print(f"{label}: {cast}", file=sys.stderr)
+    warning = report.constant_warning()
+    if warning:
+        extra["checkpoint_constant_weights"] = True
+        if not quiet:
+            print(f"WARNING: {label}: {warning}", file=sys.stderr)
 
 
 def _head_text(keys: list[str]) -> str:
@@ -246,11 +261,29 @@ def _synthetic_image(ds, i: int):
     return ds[i][0]
 
 
-def run_probe(cfg: ProbeConfig) -> tuple[ProbeResult, dict[str, Any]]:
+Finish = Callable[[ProbeResult, dict[str, Any]], None]
+
+
+def run_probe(cfg: ProbeConfig, finish: Finish | None = None) -> tuple[ProbeResult, dict[str, Any]]:
     """Build the models, stream the data through them, save metrics.json (and replicates.npz) in `cfg.out`.
 
-    The tables, figures and report.html (`cfg.report`) are written by the layer above
-    (`mimlab.report.write_probe_report`, as `mimlab probe` and `mimlab reproduce` do)."""
+    `cfg.out` is locked (`mimlab.utils.lock`, rank 0 holds it) from after the input checks until the run ends, so
+    a second run into the same directory fails at once. The tables, figures and report.html (`cfg.report`) are
+    written by the layer above (`mimlab.report.write_probe_report`): `finish(result, paths)` runs on rank 0 after
+    metrics.json is saved, still under the lock (`mimlab probe` writes its report there)."""
+    source = check_inputs(cfg)
+    from mimlab.engine.dist import launch_rank
+
+    if not cfg.out or launch_rank() != 0:
+        return _run_probe(cfg, source, finish)
+    from mimlab.utils.lock import run_lock
+
+    with run_lock(cfg.out, verb="mimlab probe"):
+        return _run_probe(cfg, source, finish)
+
+
+def check_inputs(cfg: ProbeConfig) -> DataSource:
+    """Every check that needs no model: device, data, model specs, counts. Returns the data source."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", f"{cfg.device}: CUDA is not available on this machine")
     if not cfg.data:
@@ -262,6 +295,10 @@ def run_probe(cfg: ProbeConfig) -> tuple[ProbeResult, dict[str, Any]]:
     model_specs(cfg)                                    # names, labels, checkpoints present
     source = data_source(cfg)                           # counts and lists the data before building models
     check_counts(cfg, source.count)
+    return source
+
+
+def _run_probe(cfg: ProbeConfig, source: DataSource, finish: Finish | None) -> tuple[ProbeResult, dict[str, Any]]:
     from mimlab.engine.dist import setup_distributed, teardown_distributed
 
     info = setup_distributed(cfg.device)              # torchrun's or SLURM's variables; one process without them
@@ -287,6 +324,8 @@ def run_probe(cfg: ProbeConfig) -> tuple[ProbeResult, dict[str, Any]]:
         paths: dict[str, Any] = {}
         if cfg.out and info.is_main:                   # only rank 0 writes
             paths = result.save(cfg.out)
+        if finish is not None and info.is_main:
+            finish(result, paths)
         return result, paths
     finally:
         teardown_distributed(info)

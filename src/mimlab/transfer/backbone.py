@@ -228,6 +228,10 @@ def build_backbone(spec_text: str, model_kwargs: dict[str, Any] | None = None, *
         if report.resized:
             print(f"{spec.label}: resampled {', '.join(report.resized)} to img_size {spec.kwargs['img_size']}",
                   file=sys.stderr)
+        if report.cast_line():                  # recorded in metrics.json with the load report
+            print(f"{spec.label}: {report.cast_line()}", file=sys.stderr)
+        if report.constant_warning():
+            print(f"WARNING: {spec.label}: {report.constant_warning()}", file=sys.stderr)
     elif os.environ.get("RANK", "0") == "0":
         print(f"WARNING: {spec.label} has no checkpoint: RANDOM INITIALISATION (seed {seed}); this transfer measures "
               "an untrained backbone", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Atomic file writes, a clear error on a full disk, and file hashing."""
+"""Atomic file writes, a clear error on a full disk, file hashing, and quiet weights-only loading."""
 from __future__ import annotations
 
 import errno
@@ -8,6 +8,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +24,15 @@ _stall_counts: dict[str, int] = {}
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28")
+
+
+@contextmanager
+def no_pickle_warning() -> Iterator[None]:
+    """Silence torch's FutureWarning about `weights_only` (two lines on stderr, in the torch versions that print
+    it) around a load that is weights-only already: a refused file must get its one-line error and nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*weights_only", category=FutureWarning)
+        yield
 
 
 def is_disk_full(exc: BaseException, directory: str | os.PathLike | None = None) -> bool:

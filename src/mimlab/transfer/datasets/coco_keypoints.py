@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimlab.errors import ConfigError, MimlabError
+from mimlab.errors import ConfigError, MimlabError, plain
 
 # COCO's per-keypoint OKS sigmas (Ronchi & Perona 2017; cocoapi), by keypoint name.
 COCO_SIGMAS = {"nose": 0.026, "left_eye": 0.025, "right_eye": 0.025, "left_ear": 0.035, "right_ear": 0.035,
@@ -20,6 +20,8 @@ COCO_SIGMAS = {"nose": 0.026, "left_eye": 0.025, "right_eye": 0.025, "left_ear":
                "left_wrist": 0.062, "right_wrist": 0.062, "left_hip": 0.107, "right_hip": 0.107,
                "left_knee": 0.087, "right_knee": 0.087, "left_ankle": 0.089, "right_ankle": 0.089}
 DEFAULT_SIGMA = float(np.mean([COCO_SIGMAS[k] for k in COCO_SIGMAS]))  # ~0.0669, for names COCO lacks
+# a labelled keypoint may lie outside its image by at most this fraction of the image's width (x) or height (y)
+OUTSIDE_MARGIN = 0.1
 
 
 @dataclass
@@ -58,6 +60,35 @@ def _id(v, what: str, where: str):
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise MimlabError(f"{where}: {what} must be an integer (got {v!r})")
     return v
+
+
+def _image_size(im: dict, check_images: bool) -> tuple[float, float] | None:
+    """(width, height) of an image entry: from the JSON, else from the file's header; None if neither is known."""
+    w, h = im.get("width"), im.get("height")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+        return float(w), float(h)
+    if not (check_images and im["path"].is_file()):
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(im["path"]) as f:
+            return float(f.size[0]), float(f.size[1])
+    except Exception:       # unreadable: reported with the file's name when the image is read
+        return None
+
+
+def _check_inside(kps: np.ndarray, names: list[str], size: tuple[float, float] | None, where: str) -> None:
+    """Refuse a labelled keypoint (v > 0) outside its image by more than OUTSIDE_MARGIN of the image's size."""
+    if size is None:
+        return
+    w, h = size
+    mx, my = OUTSIDE_MARGIN * w, OUTSIDE_MARGIN * h
+    for j, (x, y, v) in enumerate(kps):
+        if v > 0 and not (-mx <= x <= w - 1 + mx and -my <= y <= h - 1 + my):
+            raise MimlabError(f"{where}: keypoint {j} ({names[j]}) at ({x:g}, {y:g}) is marked labelled (v={v:g}) "
+                              f"but lies outside its {w:g}x{h:g} image by more than {OUTSIDE_MARGIN:.0%} of its size "
+                              f"(x in [{-mx:g}, {w - 1 + mx:g}], y in [{-my:g}, {h - 1 + my:g}])")
 
 
 def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_images: bool = True) -> KeypointSet:
@@ -112,6 +143,7 @@ def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_imag
     instances: list[Instance] = []
     used: set[int] = set()
     ann_ids: set = set()
+    sizes: dict = {}                  # image id -> (width, height), read once
     for i, ann in enumerate(coco["annotations"]):
         if not isinstance(ann, dict):
             raise MimlabError(f"{ann_file}: annotations[{i}] is not an object")
@@ -142,7 +174,7 @@ def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_imag
                               f"got {len(kps) if isinstance(kps, list) else type(kps).__name__}")
         kps = np.array([_num(v, "keypoint value", where) for v in kps]).reshape(k, 3)
         if not np.isin(kps[:, 2], (0, 1, 2)).all():
-            raise MimlabError(f"{where}: keypoint visibility must be 0, 1 or 2 (got {sorted(set(kps[:, 2]))})")
+            raise MimlabError(f"{where}: keypoint visibility must be 0, 1 or 2 (got {sorted(set(plain(kps[:, 2])))})")
         area = _num(ann["area"], "area", where)
         ann.setdefault("num_keypoints", int((kps[:, 2] > 0).sum()))
         ann.setdefault("iscrowd", 0)
@@ -152,6 +184,9 @@ def load_coco_keypoints(ann_file: str | Path, image_root: str | Path, check_imag
             continue
         if area <= 0:   # OKS divides by the area; COCOeval silently ignores a negative one
             raise MimlabError(f"{where}: 'area' must be > 0 for an annotation with labelled keypoints (got {area:g})")
+        if ann["image_id"] not in sizes:
+            sizes[ann["image_id"]] = _image_size(images[ann["image_id"]], check_images)
+        _check_inside(kps, names, sizes[ann["image_id"]], where)
         instances.append(Instance(ann_id=ann["id"], image_id=ann["image_id"], bbox=bbox, keypoints=kps, area=area))
         used.add(ann["image_id"])
     if check_images:

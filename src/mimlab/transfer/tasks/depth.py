@@ -100,7 +100,7 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
     def baseline() -> dict[str, float]:
         total, count = 0.0, 0
         for s in train_s:
-            gt = load_depth_png(s.depth, scale)
+            gt = _depth_of(s, scale)
             v = gt[valid_mask(gt, min_depth, max_depth)]
             total, count = total + float(v.astype(np.float64).sum()), count + v.size
         if count == 0:
@@ -108,10 +108,13 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
         mean_depth = total / count
         meter = DepthMeter()
         for s in val_s:
-            gt = load_depth_png(s.depth, scale)
+            gt = _depth_of(s, scale)
             meter.update(np.full(gt.shape, mean_depth), gt, valid_mask(gt, min_depth, max_depth,
                                                                          crop_mask(gt.shape, crop)),
                          min_depth=min_depth, max_depth=max_depth)
+        if not meter.rows:
+            raise MimlabError(f"{val_file}: no evaluation image has a valid depth pixel ({min_depth:g} < depth < "
+                              f"{max_depth:g} m inside the {crop} crop): nothing can be scored")
         # evaluation images without a single valid ground-truth pixel (after the crop) are not scored: the
         # baseline sees the same masks as every evaluation, so its count goes into the data info
         info["num_val_without_valid_depth"] = meter.skipped
@@ -120,5 +123,30 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
     info = {"format": fmt, "depth_scale": scale, "min_depth": min_depth, "max_depth": max_depth, "eval_crop": crop,
             "train_split": str(train_file), "val_split": str(val_file), "num_train": len(train_s),
             "num_val": len(val_s), "input_size": [ih, iw]}
-    return TaskRun(model=model, train_set=train_ds, loss_fn=loss_fn, evaluate=evaluate, baseline=baseline,
+    # the trivial baseline reads every depth map of both splits (and each image's header): an unreadable file, a
+    # map of another size than its image, or a split without a valid pixel fails here, before any training
+    base = baseline()
+    return TaskRun(model=model, train_set=train_ds, loss_fn=loss_fn, evaluate=evaluate, baseline=lambda: base,
                    data_info=info)
+
+
+def _depth_of(s: DepthSample, scale: float) -> np.ndarray:
+    """A sample's depth map in metres, refused when its size differs from its image's (read from the header)."""
+    gt = load_depth_png(s.depth, scale)
+    size = _header_size(s.rgb)
+    if size is not None and size != (gt.shape[1], gt.shape[0]):
+        raise MimlabError(f"{s.depth}: depth map is {gt.shape[1]}x{gt.shape[0]} but image {s.rgb} is "
+                          f"{size[0]}x{size[1]}")
+    return gt
+
+
+def _header_size(path) -> tuple[int, int] | None:
+    """(width, height) of an image from its header; an unreadable one is reported by the one image reader."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        load_rgb(path)          # raises the reader's one-line error naming the file
+        return None

@@ -17,6 +17,7 @@ evaluated with the one-pass protocol (see `metrics/tracking.py`).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -153,9 +154,20 @@ def track_sequences(model: TrackModel, seqs: list[Sequence], opts: dict, t_size:
     return results
 
 
+def _scored(seqs: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+    """The evaluation sequences with ground truth beyond the first frame, and those without (a test split's
+    first-frame-only layout), which cannot be scored: said in one line, counted in the data info."""
+    withheld = [s for s in seqs if s.first_frame_only]
+    if withheld:
+        print(f"track: {len(withheld)} evaluation sequence(s) have only their first frame's box (a test split's "
+              f"layout, e.g. {withheld[0].groundtruth}): not scored", file=sys.stderr)
+    return [s for s in seqs if not s.first_frame_only], withheld
+
+
 def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_batch_size: int) -> TaskRun:
     backbone.check_one_stream()
     train_seqs, val_seqs = find_tracking_splits(data)
+    val_seqs, withheld = _scored(val_seqs)
     s_size = opts["search_size"] or backbone.info.img_size[0]
     t_size = opts["template_size"] or s_size // 2
     stride = backbone.stride
@@ -194,6 +206,7 @@ def build(data: str, backbone: Backbone, opts: dict[str, Any], mode: str, eval_b
             # sequences with fewer than two frames with a valid box cannot give a (template, search) pair
             "num_train_sequences_dropped": len(train_seqs) - len(train_ds.seqs),
             "num_val_sequences": len(val_seqs), "num_val_frames": int(sum(len(s.frames) for s in val_seqs)),
+            "num_val_first_frame_only": len(withheld),
             "template_size": t_size, "search_size": s_size, "pairs_per_epoch": len(train_ds)}
     return TaskRun(model=model, train_set=train_ds, loss_fn=loss_fn, evaluate=evaluate, baseline=baseline,
                    data_info=info)
