@@ -161,6 +161,18 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
 
 
+def test_resumed_at_its_last_step_reports_the_same_final_loss(tmp_path):
+    """Killed after its final checkpoint but before it could report (a study stage killed there): rerun with
+    resume, no step runs, and the final loss is the finished run's, not None (found by the crash test: the
+    study's loss gate then skipped its check and the summary differed)."""
+    first = train(make_model(), mse, Regression(), cfg_for(tmp_path / "run"))
+    again = train(make_model(), mse, Regression(), cfg_for(tmp_path / "run", resume=True))
+    assert again.start_step == again.step == 9 and again.losses == []
+    assert first.final_loss is not None and again.final_loss == first.final_loss
+    resumed_twice = train(make_model(), mse, Regression(), cfg_for(tmp_path / "run", resume=True))
+    assert resumed_twice.final_loss == first.final_loss
+
+
 def test_checkpoint_is_plain_data_and_rng_states_round_trip(tmp_path):
     """Format 2: loads with torch.load(weights_only=True); RNG states (python, numpy, torch) restore exactly;
     numpy values in the run identity are stored as plain numbers and still match on resume."""

@@ -144,7 +144,7 @@ def test_threads_option_sets_torch_threads_for_the_run_and_records_them(tmp_path
     seen = []
     import mimlab.probe.run as run_mod
     real = run_mod.run_probe
-    monkeypatch.setattr(run_mod, "run_probe", lambda cfg: (seen.append(torch.get_num_threads()), real(cfg))[1])
+    monkeypatch.setattr(run_mod, "run_probe", lambda cfg, **kw: (seen.append(torch.get_num_threads()), real(cfg, **kw))[1])
     before = torch.get_num_threads()
     want = 1 if before != 1 else 2
     out = tmp_path / "t"

@@ -260,7 +260,8 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
     start_step = 0
     rng_state = None
     run_notes: dict[str, Any] = {}
-    if resume_path is not None:
+    resumed_loss: float | None = None          # the last step's loss before this call (a resumed run's final loss
+    if resume_path is not None:                # when it resumes at its last step, killed before it could report)
         state = load_checkpoint(resume_path)
         diff = identity_diff(state.get("identity", {}), identity)
         if diff:
@@ -273,6 +274,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
         if ema is not None and state.get("ema"):
             ema.module.load_state_dict(state["ema"])
         start_step = int(state["step"])
+        resumed_loss = state.get("last_loss")
         saved_rng = state.get("rng") or []
         if len(saved_rng) == info.world_size:
             rng_state = saved_rng[info.rank]
@@ -294,6 +296,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
     result = TrainResult(step=start_step, start_step=start_step, losses=[], final_loss=None, img_per_s=None,
                          elapsed_s=0.0, checkpoint=ckpt_path if last_saved is not None else None, extra=run_notes)
     if start_step >= cfg.steps:
+        result.final_loss = resumed_loss
         result.elapsed_s = time.perf_counter() - t_start
         return result
 
@@ -359,6 +362,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
                 "identity": identity,
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                 "extra": extra_state or {},
+                "last_loss": result.losses[-1] if result.losses else resumed_loss,
             })
         barrier(info)
         last_saved = done
@@ -493,7 +497,7 @@ def _train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig
         del batches
 
     result.skipped_samples = sum(all_gather_objects(result.skipped_samples, info))
-    result.final_loss = result.losses[-1] if result.losses else None
+    result.final_loss = result.losses[-1] if result.losses else resumed_loss
     result.img_per_s = rate_images / rate_time if rate_time > 0 else None
     if result.img_per_s is None and warm_time > 0:
         result.img_per_s, result.img_per_s_with_warmup = warm_images / warm_time, True
