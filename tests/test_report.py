@@ -391,3 +391,22 @@ def test_report_screenshot_headless(rendered, tmp_path):
         assert any(c == (0xFD, 0xE7, 0xE9) for _, c in colours)
     keep = out / "report_screenshot.png"
     keep.write_bytes(shot.read_bytes())  # for a human to look at
+
+
+def test_claim_numbers_are_rounded_to_their_interval_and_tasks_are_a_subtable():
+    from mimlab.report.study import _fmt_values, interval_decimals, mask_text, round_to, with_interval
+
+    assert [interval_decimals(*ci) for ci in ((0.177, 0.183), (0.0, 3.4), (-20, 26), (1.0, 1.0))] == [4, 1, 0, 4]
+    assert with_interval(0.18034, (0.17712, 0.18311)) == "0.1803 [0.1771, 0.1831]"
+    assert with_interval(2.0, None) == "2" and round_to(-0.00001, 3) == "0.000"
+    c1 = _fmt_values({"supervised": 1.0000579, "simmim": 1.0000117, "delta": 4.6e-05, "ci": [-3.07e-05, 1.9e-4]})
+    assert c1 == ("<b>supervised</b>: 1.00006<br><b>simmim</b>: 1.00001<br>"      # half-width 1.1e-4: 5 decimals
+                  "<b>delta</b>: 0.00005 [-0.00003, 0.00019]")
+    c4 = _fmt_values({"depth": {"metric": "rmse", "higher_is_better": False, "simmim": [2.5, 2.7],
+                                "supervised": [2.6, 2.8], "mean_simmim": 2.6, "mean_supervised": 2.7,
+                                "better_by": 0.1, "ci": [-0.31, 0.51], "verdict": "inconclusive"}})
+    assert c4.startswith('<table class="tasks">') and "<td>depth</td>" in c4 and "0.10 [-0.31, 0.51]" in c4
+    assert "(n=2)" in c4 and "[2.5" not in c4 and "higher_is_better" not in c4        # no Python literals
+    assert mask_text({"mask_patch_size": 8, "mask_cells": [4, 4], "masked_cells": 10, "mask_ratio": 0.6,
+                      "masked_fraction": 0.625, "patch_size": 8}) == \
+        "8 px cells on a 4x4 grid, 10 masked (ratio 0.6, 62.5% of the image), encoder patch 8 px"

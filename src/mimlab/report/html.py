@@ -62,6 +62,7 @@ table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
 th,td{border:1px solid #d0d0d0;padding:.25rem .55rem;text-align:left;vertical-align:top}
 th{background:#f2f2f2} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.group th{background:#e6eef7;text-align:left}
+table.tasks{font-size:.85em;margin:0} .scroll{overflow-x:auto;max-width:100%}
 .ci{color:#666;font-size:.8em} code{font-size:.9em} code.path{word-break:break-all} .nowrap{white-space:nowrap}
 figure{margin:1.2rem 0;padding:0} figure img{max-width:100%;height:auto;border:1px solid #e2e2e2}
 figcaption{color:#333;font-size:.92rem;max-width:70rem;margin-top:.3rem}
@@ -97,7 +98,8 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]], numeric: frozen
     body = "\n".join(
         "<tr>" + "".join(f'<td class="num">{c}</td>' if j in numeric else f"<td>{c}</td>" for j, c in enumerate(r))
         + "</tr>" for r in rows)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    return (f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>'
+            "</div>")           # a wide table scrolls on a narrow screen instead of widening the page
 
 
 def _kv_table(d: dict) -> str:

@@ -3,8 +3,9 @@ the probe's metrics.json: claims with verdicts, gates, the downstream table and 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mimlab.utils.io import atomic_write_json, atomic_write_text, load_json
 
@@ -16,15 +17,106 @@ def _verdict_badge(v: str) -> str:
             f'padding:0 .4rem;white-space:nowrap">{v.replace("_", " ")}</span>')
 
 
-def _fmt_values(values: Any, digits: int = 4) -> str:
+def interval_decimals(lo: float, hi: float) -> int:
+    """Decimals that show an interval at its own precision: two significant digits of its half-width
+    (half-width 0.0123 -> 4 decimals, 1.7 -> 1, 23 -> 0); 4 for a zero-width interval."""
+    half = abs(hi - lo) / 2
+    if not math.isfinite(half) or half == 0:
+        return 4
+    return max(0, 1 - math.floor(math.log10(half)))
+
+
+def round_to(x: float | None, decimals: int) -> str:
+    """`x` with `decimals` decimals ('-0.000' shown as '0.000'); None -> an em dash."""
+    if x is None:
+        return "\u2014"
+    text = f"{x:.{decimals}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def with_interval(x: float | None, ci: Sequence[float] | None) -> str:
+    """'0.180 [0.177, 0.183]': the value and its interval at the interval's precision; 4 significant digits
+    without an interval."""
+    from mimlab.report.html import fmt
+
+    if ci is None or len(ci) != 2 or x is None:
+        return fmt(x)
+    d = interval_decimals(ci[0], ci[1])
+    return f"{round_to(x, d)} [{round_to(ci[0], d)}, {round_to(ci[1], d)}]"
+
+
+def _is_task_table(values: Any) -> bool:
+    return isinstance(values, dict) and bool(values) and all(isinstance(v, dict) and "metric" in v
+                                                             for v in values.values())
+
+
+def _task_subtable(values: dict[str, dict[str, Any]]) -> str:
+    """C4-C6: task | metric | each model's mean over seeds (n) | difference in the better direction [CI] | verdict."""
     from mimlab.report.html import esc, fmt
 
-    if isinstance(values, dict):
-        return "<br>".join(f"<b>{esc(k)}</b>: {_fmt_values(v, digits)}" for k, v in values.items()
-                           if k not in ("values",))
-    if isinstance(values, (list, tuple)):
-        return "[" + ", ".join(_fmt_values(v, digits) for v in values) + "]"
-    return esc(fmt(values, digits))
+    rows, models = [], None
+    for task, v in values.items():
+        models = [k[len("mean_"):] for k in v if k.startswith("mean_")] or [
+            k for k, x in v.items() if isinstance(x, list) and k != "ci"]
+        cells = [esc(task), esc(v["metric"] + (" \u2191" if v.get("higher_is_better") else " \u2193"))]
+        for m in models:
+            n = len(v.get(m) or [])
+            cells.append(f"{esc(fmt(v.get(f'mean_{m}')))} <span class=\"ci\">(n={n})</span>")
+        diff = v.get("better_by")
+        cells.append(esc(with_interval(diff, v.get("ci"))) if diff is not None else esc(v.get("note", "\u2014")))
+        cells.append(_verdict_badge(v.get("verdict", "inconclusive")))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = ["task", "metric", *[f"{m} mean" for m in (models or [])], "\u0394 better [95% CI]", "verdict"]
+    return ('<table class="tasks"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+            + "".join(rows) + "</table>")
+
+
+def _fmt_values(values: Any) -> str:
+    """A claim's numbers as a reader wants them: C1-C3 as 'name: value [CI]' lines at the interval's precision,
+    C4-C6 as a per-task sub-table; never Python literals."""
+    from mimlab.report.html import esc, fmt
+
+    if _is_task_table(values):
+        return _task_subtable(values)
+    if not isinstance(values, dict):
+        return esc(fmt(values))
+    ci = values.get("ci")
+    shared = interval_decimals(*ci) if ci else None       # the values a difference is of, at its precision
+    lines = []
+    for k, v in values.items():
+        if k in ("ci", "values") or k.endswith("_ci") or k == "verdict_before_gate":
+            continue
+        own = values.get(f"{k}_ci") or (ci if k == "delta" else None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            text = with_interval(float(v), own) if own or shared is None else round_to(float(v), shared)
+            lines.append(f"<b>{esc(k)}</b>: {esc(text)}")
+        else:
+            lines.append(f"<b>{esc(k)}</b>: {esc(str(v))}")
+    if "difference_ci" in values:
+        d = values["difference_ci"]
+        lines.append(f"<b>difference</b>: [{esc(round_to(d[0], interval_decimals(*d)))}, "
+                     f"{esc(round_to(d[1], interval_decimals(*d)))}]")
+    if "verdict_before_gate" in values:
+        lines.append(f"<b>before the gate</b>: {esc(str(values['verdict_before_gate']).replace('_', ' '))}")
+    return "<br>".join(lines)
+
+
+def mask_text(mask: dict[str, Any] | None) -> str:
+    """The SimMIM mask record as a sentence."""
+    if not mask:
+        return "\u2014"
+    cells = mask.get("mask_cells") or ["?", "?"]
+    return (f"{mask.get('mask_patch_size')} px cells on a {cells[0]}x{cells[1]} grid, {mask.get('masked_cells')} "
+            f"masked (ratio {mask.get('mask_ratio')}, {100 * float(mask.get('masked_fraction', 0)):.1f}% of the "
+            f"image), encoder patch {mask.get('patch_size')} px")
+
+
+def _gate_tag(reason: str) -> tuple[str, str]:
+    """(the shared gate sentence, a short tag for the row) for a gated claim's reason; ('', reason) otherwise."""
+    prefix = "not trained enough to compare"
+    if reason.startswith(prefix):
+        return reason, "gated (above the table)"
+    return "", reason
 
 
 def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path) -> dict[str, Path]:
@@ -34,9 +126,15 @@ def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path
     out.mkdir(parents=True, exist_ok=True)
     metrics = load_json(probe["metrics"])
     figures = make_figures(metrics, out / "figures")
-    claims_rows = [[esc(cid), esc(c["text"]), _verdict_badge(c["verdict"]), esc(c["statistic"]),
-                    _fmt_values(c["values"]), esc(c["rule"]), esc(c.get("reason", ""))]
-                   for cid, c in summary["claims"].items()]
+    gate_sentences: list[str] = []
+    claims_rows = []
+    for cid, c in summary["claims"].items():
+        shared, tag = _gate_tag(c.get("reason", ""))
+        if shared and shared not in gate_sentences:
+            gate_sentences.append(shared)
+        claims_rows.append([esc(cid), esc(c["text"]), _verdict_badge(c["verdict"]), esc(c["statistic"]),
+                            _fmt_values(c["values"]), esc(c["rule"]), esc(tag)])
+    gates_once = "".join(f'<div class="warning"><strong>Gate</strong> — {esc(g)}</div>' for g in gate_sentences)
     gate_rows = [[esc(m), _verdict_badge("holds" if g["ok"] else "inconclusive").replace(
         "holds", "trained enough").replace("inconclusive", "not trained enough"), esc(fmt(g.get("loss_ratio"))),
         esc(fmt(g.get("attention_change"))), esc(fmt(g.get("cka_to_init"))), esc(g.get("reason", ""))]
@@ -63,7 +161,7 @@ def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path
         "claim by claim, for SimMIM vs supervised pretraining of the same architecture from the same "
         "initialisation with the same budget.</p>",
         f'<div class="warning"><strong>Scale</strong> — {esc(summary["scale"])}</div>',
-        "<h2>Claims</h2>",
+        "<h2>Claims</h2>", gates_once,
         _table(["id", "claim", "verdict", "statistic", "numbers", "rule", "note"], claims_rows),
         "<h2>Were the models trained enough to be compared?</h2>",
         "<p>Loss ratio: final training loss / a trivial predictor's (SimMIM: each image's visible mean colour, "
@@ -71,7 +169,7 @@ def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path
         "change: largest |Δ normalised attention distance| of a layer vs the random-init control. CKA to init: "
         "mean same-layer CKA with the random-init control.</p>",
         _table(["model", "gate", "loss ratio", "attention change", "CKA to init", "reason"], gate_rows),
-        f"<p>SimMIM masking: {esc(str(summary.get('simmim_mask')))}; AvgDist "
+        f"<p>SimMIM masking: {esc(mask_text(summary.get('simmim_mask')))}; AvgDist "
         f"{esc(fmt(summary.get('simmim_avg_dist_px')))} px (mean distance from a masked pixel to the nearest "
         "visible one; the SimMIM paper's sweet spot is 10-20 px at 224 px).</p>",
         "<h2>Downstream</h2>",
