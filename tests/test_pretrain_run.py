@@ -84,10 +84,17 @@ def test_cli_run_probe_every_and_out_dir_refusal(tmp_path, capsys):
     for r in probe:
         d = float(r["attention_distance_px"])
         assert 0 < d < 16 * 2 ** 0.5 and float(r["head_kl"]) >= 0
-    # a second run into the same directory is refused; --overwrite replaces it
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"   # the loss curve beside metrics.csv
+    # a second run into the same directory is refused; --overwrite replaces it (loss.* included)
     assert main(args) == 2
     assert "already holds a run's checkpoint" in capsys.readouterr().err
-    assert main(args[:-6] + ["--steps", "2", "--overwrite", "--no-tensorboard", "--no-progress"]) == 0
+    assert main(args[:-6] + ["--steps", "2", "--overwrite", "--no-tensorboard", "--no-progress",
+                             "--figure-format", "svg"]) == 0
+    assert (out / "loss.svg").is_file()
+    with pytest.raises(SystemExit) as exit_:        # argparse refuses it before any work
+        main(args[:-6] + ["--steps", "2", "--overwrite", "--figure-format", "eps"])
+    assert exit_.value.code == 2
+    assert "'eps' is not one of png, pdf, svg" in capsys.readouterr().err
 
 
 def test_kill_and_resume_reaches_the_same_parameters(tmp_path):

@@ -204,7 +204,7 @@ def test_model_without_a_metric_gets_no_panel(result):
     for layer in result["models"][SWIN]["layers"]:
         del layer["head_js"], layer["layer_mean"]["head_js"]
     fig = per_head_figure(result, "head_js", "t")
-    assert [ax.get_title() for ax in fig.axes] == [VIT + "\n(random init)"]
+    assert [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"] == [VIT + "\n(random init)"]
     fig = layer_mean_figure(result, "head_js", "t")
     assert len(fig.axes[0].lines) == 1
 
@@ -258,14 +258,100 @@ def test_per_head_figure_plots_every_head(result):
 
     fig = per_head_figure(result, "attention_distance_px", "t")
     ax_vit, ax_swin = fig.axes[:2]
-    offsets = ax_swin.collections[0].get_offsets()
+    dots = ax_swin.collections[0]
+    offsets = dots.get_offsets()
     assert len(offsets) == 2 + 2 + 4 + 4
-    assert (offsets[-1][0], offsets[-1][1]) == (3, _head_value("attention_distance_px", 1, 3, 3))
+    # heads spread over 0.5 around their layer, head 0 leftmost, coloured by head index
+    assert (offsets[-1][0], offsets[-1][1]) == (3.25, _head_value("attention_distance_px", 1, 3, 3))
+    assert offsets[0][0] == -0.25 and offsets[-4][0] == 2.75
+    assert dots.get_array().tolist() == [0, 1, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3]
     uniform = [ln for ln in ax_vit.lines if ln.get_linestyle() == "--"]
     assert len(uniform) == 1 and uniform[0].get_ydata()[0] == 29.43
     assert ax_vit.get_shared_y_axes().joined(ax_vit, ax_swin)
-    assert sorted(t.get_text() for t in ax_swin.texts) == ["stage 0", "stage 1", "uniform 13.1 px"]
+    assert sorted(t.get_text() for t in ax_swin.texts) == ["stage 0", "stage 1"]
     assert [ln.get_xdata()[0] for ln in ax_swin.lines if ln.get_linestyle() == ":"] == [1.5]
+    assert ax_vit.get_ylim()[0] == 0.0   # a non-negative statistic's axis starts at 0
+
+
+def test_distance_figure_is_normalised_with_uniform_at_one_and_a_span_floor(result):
+    from mimlab.report.figures import per_head_figure, zero_based_limits
+
+    for lab in result["models"]:        # a flat, untrained-looking profile: every head at 1.001 x uniform
+        for layer in result["models"][lab]["layers"]:
+            layer["attention_distance_norm"] = [1.001] * layer["num_heads"]
+            layer["layer_mean"]["attention_distance_norm"] = 1.001
+            layer.get("ci", {}).pop("attention_distance_norm", None)
+            layer.get("layer_ci", {}).pop("attention_distance_norm", None)
+    fig = per_head_figure(result, "attention_distance_norm", "t")
+    ax = fig.axes[0]
+    assert [ln.get_ydata()[0] for ln in ax.lines if ln.get_linestyle() == "--"] == [1.0]
+    lo, hi = ax.get_ylim()
+    assert lo == 0.0 and hi >= 1.1          # 0.001 of spread is drawn as 0.001 of a 1.1-high axis, not stretched
+    assert ax.get_title().endswith("uniform = 29.4 px")
+    assert zero_based_limits(0.2, 0.5, min_top=1.1) == (0.0, 1.1 * 1.06)
+    assert zero_based_limits(-0.5, 1.0)[0] < -0.5   # negative data (unbiased estimates) stay visible
+
+
+def test_entropy_figure_marks_ln_k_and_uses_no_offset_notation(result):
+    import math
+
+    from mimlab.report.figures import layer_mean_figure
+
+    for lab in result["models"]:
+        for layer in result["models"][lab]["layers"]:
+            layer["num_patch_keys"] = 64
+            layer["entropy"] = [4.158 + 1e-4 * h for h in range(layer["num_heads"])]
+            layer["layer_mean"]["entropy"] = 4.158
+            layer.get("layer_ci", {}).pop("entropy", None)
+    fig = layer_mean_figure(result, "entropy", "t")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    refs = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    assert len(refs) == 1 and refs[0].get_ydata()[0] == math.log(64)       # one line: both models share K
+    assert ax.get_ylim()[0] == 0.0 and ax.get_ylim()[1] > math.log(64)
+    assert ax.yaxis.get_offset_text().get_text() == ""                      # no "+4.158" above the axis
+
+
+def test_loss_curve_from_metrics_csv(tmp_path):
+    from mimlab.report.figures import loss_figure, read_loss_curve, running_mean
+
+    log = tmp_path / "metrics.csv"
+    log.write_text("step,loss,lr\n1,2.0,0.1\n2,1.0,0.1\n3,nan,0.1\n4,0.5,0.1\n")
+    curve = read_loss_curve(log, trivial=3.0)
+    assert curve.steps == [1, 2, 4] and curve.losses == [2.0, 1.0, 0.5]
+    assert running_mean([2.0, 1.0, 0.5], 2) == [2.0, 1.5, 0.75]
+    fig = loss_figure({"simmim": curve})
+    ax = fig.axes[0]
+    assert [ln.get_ydata()[0] for ln in ax.lines if ln.get_linestyle() == "--"] == [3.0]
+    assert ax.get_ylim()[0] == 0.0
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(MimlabError, match="bad.csv: not a training log"):
+        read_loss_curve(tmp_path / "bad.csv")
+
+
+def test_figure_formats_and_dpi(result, tmp_path):
+    from PIL import Image
+
+    from mimlab.errors import ConfigError
+    from mimlab.report.figures import make_figures
+    from mimlab.report.options import FigureOptions
+
+    assert FigureOptions(("svg",)).formats == ("png", "svg")
+    with pytest.raises(ConfigError, match="'eps' is not one of png, pdf, svg"):
+        FigureOptions(("eps",))
+    with pytest.raises(ConfigError, match="figure_dpi"):
+        FigureOptions(dpi=0)
+    a = make_figures(result, tmp_path / "a", FigureOptions(("pdf", "svg"), dpi=100))
+    b = make_figures(result, tmp_path / "b", FigureOptions(dpi=200))
+    for name, png in a.items():
+        assert png.suffix == ".png" and png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+        assert b"<svg" in png.with_suffix(".svg").read_bytes()[:500]
+        wa, wb = Image.open(png).width, Image.open(b[name]).width
+        assert 1.9 < wb / wa < 2.1, name        # pixels scale with the dpi
+    again = make_figures(result, tmp_path / "c", FigureOptions(("pdf", "svg"), dpi=100))
+    for name, png in again.items():            # no dates in the files: the same data give the same bytes
+        for ext in (".png", ".pdf", ".svg"):
+            assert png.with_suffix(ext).read_bytes() == a[name].with_suffix(ext).read_bytes(), (name, ext)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,7 +413,8 @@ def test_report_contents(rendered):
     assert "4 blocks in 2 stages" in text and "2 \u2013 4" in text
     # provenance, CKA config, captions with definitions
     assert "mimlab probe --seed 7 &#x27;a b&#x27;" in text and "unbiased_minibatch" in text
-    assert "sum_j A[i,j] * p * ||g_i - g_j||" in text and "KL(A_h[i] || A_h&#x27;[i])" in text
+    assert "sum_j A[i,j] * ||g_i - g_j||" in text and "KL(A_h[i] || A_h&#x27;[i])" in text
+    assert "1.0 (dashed) is uniform attention" in text and "maximum ln K" in text
 
 
 def test_summary_table_first_middle_last(result):

@@ -41,7 +41,13 @@ def test_miniature_study_report_schema_and_caching(tmp_path, capsys):
     assert {"simmim", "supervised", "random"} <= set(summary["probe"]["layer_means"])
     html = (out / "report.html").read_text()
     assert "Claims" in html and "data:image/png;base64," in html and "not the paper" in html
+    # each failed gate is said once, above the claims table; rows carry a short tag
+    assert html.count("<li><b>simmim</b>:") == 1 and html.count("<li><b>supervised</b>:") == 1
+    assert html.count("gated: simmim, supervised (see above)") == 5 and "gated: supervised (see above)" in html
     assert (out / "downstream.csv").is_file() and (out / "claims.csv").is_file()
+    # the pretraining loss curves (from each stage's metrics.csv) lead the figures; img/s of a short run is shown
+    assert (out / "figures" / "loss.png").is_file() and 'id="fig-loss"' in html
+    assert all(summary["pretrain"][m]["img_per_s"] > 0 for m in ("simmim", "supervised"))
 
     # second run: every stage cached
     second = _run(cfg, out, capsys)
@@ -57,8 +63,9 @@ def test_miniature_study_report_schema_and_caching(tmp_path, capsys):
                           "transfer/supervised-drop1/depth/s0"])
 
     # --force reruns that stage and its dependants
-    fourth = _run(cfg, out, capsys, "--force", "probe")
+    fourth = _run(cfg, out, capsys, "--force", "probe", "--figure-format", "svg")
     assert [line.split()[-1] for line in fourth if line.startswith("[run ]")] == ["probe"]
+    assert (out / "figures" / "loss.svg").is_file() and (out / "figures" / "entropy.svg").is_file()
     before = json.loads((out / "summary.json").read_text())
 
     # a moved study folder keeps every finished stage, and a stage rerun there reads its inputs from the new place

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mimlab.report.options import add_figure_arguments
+
 EPILOG = """examples:
   mimlab pretrain --method simmim --model vit_tiny_patch16_224 \\
       --model-kwargs img_size=32,patch_size=4,depth=6,embed_dim=128,num_heads=4 \\
@@ -36,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=("simmim", "mae", "supervised"))
     p.add_argument("--model", required=True, help="timm architecture name, e.g. vit_base_patch16_224")
     p.add_argument("--model-kwargs", default="", help="k=v,... passed to timm.create_model")
+    add_figure_arguments(p)
     p.add_argument("--data", default="builtin", help="'builtin[:KIND?classes=..&per_class=..]' or an image folder")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
@@ -129,8 +132,11 @@ def trackers_from_args(args: argparse.Namespace) -> tuple[str, ...] | None:
 def run(args: argparse.Namespace) -> int:
     from mimlab.pretrain.api import check_config, pretrain
 
+    from mimlab.report.options import FigureOptions
+
     cfg = config_from_args(args)
     check_config(cfg)
+    figure_options = FigureOptions(args.figure_format, args.figure_dpi)   # loss.png's
     callbacks = []
     if args.probe_every < 0:
         from mimlab.errors import ConfigError
@@ -145,7 +151,10 @@ def run(args: argparse.Namespace) -> int:
 
         callbacks.append(online_probe(args.probe_every, args.probe_images, cfg.data, cfg.seed))
     res = pretrain(cfg, callbacks)
-    if res.model_path is not None:
+    if res.model_path is not None:             # rank 0 of a finished run: the loss curve beside metrics.csv
+        from mimlab.report.figures import write_loss_figure
+
+        write_loss_figure(res.out / "metrics.csv", res.out, f"{args.method} {cfg.model}", figure_options)
         if res.img_per_s is None:            # nothing ran in this call (a finished run resumed)
             done = "no steps run in this call"
         else:

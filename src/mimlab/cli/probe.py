@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from mimlab.cli.common import add_threads_argument, threads_for
+from mimlab.report.options import add_figure_arguments
 
 from mimlab.models.checkpoints import FORMATS as CHECKPOINT_FORMATS
 
@@ -103,6 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map-query", action="append", type=_cell, default=[], metavar="ROW,COL",
                    help="a patch query of the maps (grid row and column; repeatable; default: the centre patch)")
     p.add_argument("--no-report", action="store_true", help="write metrics.json only")
+    add_figure_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -128,13 +130,16 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from mimlab.probe.run import run_probe, summary_lines
 
+    from mimlab.report.options import FigureOptions
+
     cfg = config_from_args(args)
+    figure_options = FigureOptions(args.figure_format, args.figure_dpi)   # a bad --figure-dpi fails before the work
 
     def report(result, paths: dict) -> None:          # rank 0, while run_probe still holds the --out lock
         if cfg.out and cfg.report:
             from mimlab.report import write_probe_report
 
-            paths.update(write_probe_report(result.to_dict(), cfg.out))
+            paths.update(write_probe_report(result.to_dict(), cfg.out, figure_options))
 
     with threads_for(args.threads):
         result, paths = run_probe(cfg, finish=report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from mimlab.cli.common import add_threads_argument, threads_for
+from mimlab.report.options import add_figure_arguments
 
 
 def _epilog() -> str:
@@ -32,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rerun a stage (and what depends on it) even if cached, e.g. probe or transfer; repeatable")
     p.add_argument("--device", default=None, help="override the preset's device (auto, cpu, cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_figure_arguments(p, study=True)
     add_threads_argument(p)
     p.add_argument("--list-stages", action="store_true",
                    help="check the study config and print the stage graph (name, depends on, cached) without running")
@@ -53,10 +55,14 @@ def run(args: argparse.Namespace) -> int:
     if args.preset and args.config:
         raise MimlabError("give --preset or --config (which may name a preset), not both")
     cfg = load_config_file(args.config) if args.config else build_config(args.preset or "quick")
-    if args.device:
-        import dataclasses
+    import dataclasses
 
+    if args.device:
         cfg = dataclasses.replace(cfg, device=args.device)
+    if args.figure_format is not None:
+        cfg = dataclasses.replace(cfg, figure_format=args.figure_format)
+    if args.figure_dpi is not None:
+        cfg = dataclasses.replace(cfg, figure_dpi=args.figure_dpi)
     if args.print_config:
         from mimlab.reproduce.presets import config_yaml
 

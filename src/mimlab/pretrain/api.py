@@ -346,7 +346,8 @@ def _train_config(cfg: PretrainConfig, out: Path, identity: dict[str, Any], in_m
         log_every=cfg.log_every, resume=cfg.resume, overwrite=cfg.overwrite, tensorboard=cfg.tensorboard,
         trackers=cfg.trackers, run_info=_run_info(cfg), progress=cfg.progress, identity=identity,
         stop_after=cfg.stop_after,
-        owned_outputs=("model.safetensors", "model_ema.safetensors", "run.json"))
+        owned_outputs=("model.safetensors", "model_ema.safetensors", "run.json", "loss.png", "loss.pdf",
+                                      "loss.svg"))
     lr_info = {"base_lr": base_lr, "lr": lr, "rule": f"base_lr * global_batch / {LR_REFERENCE_BATCH}",
                "schedule": schedule, "warmup_steps": warmup, "milestones": list(milestones),
                "warmup_lr": tcfg.warmup_lr, "min_lr": tcfg.min_lr}

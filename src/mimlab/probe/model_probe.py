@@ -188,7 +188,8 @@ class ModelProbe:
         """metrics.json's entry for layer li: per-head values, the layer mean and their bootstrap intervals."""
         layer, acc = self.layers[li], self.means[li]
         mean = acc.mean()                                  # (H, M)
-        entry: dict[str, Any] = {"name": layer.name, "stage": layer.stage, "num_heads": int(mean.shape[0])}
+        entry: dict[str, Any] = {"name": layer.name, "stage": layer.stage, "num_heads": int(mean.shape[0]),
+                                 "num_patch_keys": layer.num_tokens - layer.num_prefix}   # K: entropy <= ln K
         if layer.geometry is not None:
             entry["window"] = layer.geometry.to_dict()
             entry["uniform_distance_px"] = layer.uniform

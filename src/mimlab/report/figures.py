@@ -1,28 +1,36 @@
-"""Paper-style figures of a probe result (PNG, 120 dpi).
+"""Paper-style figures of a probe result: PNG (which report.html embeds) and, on request, PDF / SVG copies.
 
 Uses ``matplotlib.figure.Figure`` with ``FigureCanvasAgg`` directly, never ``pyplot``, so it neither depends on nor
 changes the global backend or state that other matplotlib users in the process rely on.
 
-Figures (``make_figures`` returns ``name -> path``; a figure whose data is absent from the result is skipped):
-  attention_distance  one panel per model: a dot per head vs layer, the layer-mean line, a dashed line at the
-                      uniform-attention distance (Xie et al. 2023, Fig. 2 style)
+Figures (``make_figures`` returns ``name -> PNG path``; a figure whose data is absent from the result is skipped):
+  attention_distance  one panel per model: a dot per head vs layer (coloured by head index), the layer-mean line,
+                      distance in units of the uniform-attention distance with 1.0 (= uniform) dashed, the axis
+                      from 0 (Xie et al. 2023, Fig. 2 style)
   head_kl, head_js    one panel per model: per-head diversity dots and layer-mean line (Fig. 3 style)
-  entropy, nmi        layer means of all models in one panel, with 95% CI bands when the result has them
+  entropy, nmi        layer means of all models in one panel, with 95% CI bands when the result has them; entropy
+                      with its maximum ln K (uniform attention over K patch keys) dashed
   cka_within          layer x layer linear CKA of each model with itself (Fig. 4 style)
   cka_across          layer x layer CKA of each unordered pair of different models (only "A/B" of A/B, B/A)
 Models whose layers carry a ``stage`` (Swin-like) get stage boundaries drawn and labelled on their block axis.
 CKA colours are fixed to [0, 1]; values outside (unbiased CKA may be slightly negative) keep their value and are
 drawn in distinct under/over colours shown as the colour bar's end triangles.
+Axes of non-negative statistics start at 0 and never use offset notation, so an untrained network's flat profile
+looks flat. ``loss_figure`` draws pretraining loss curves from ``metrics.csv`` files (``read_loss_curve``).
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from matplotlib import colormaps
+from matplotlib import colormaps, rc_context
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -30,10 +38,12 @@ from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
 from matplotlib.ticker import MaxNLocator
 
+from mimlab.errors import MimlabError
 from mimlab.report import tables as T
+from mimlab.report.options import DPI, FigureOptions
 from mimlab.utils.io import atomic_path
 
-DPI = 120
+HEAD_CMAP = "viridis"  # head index -> colour in per-head scatters
 # Okabe & Ito (2008) colour-blind-safe palette, most distinguishable first (yellow last: weak on white).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 CKA_UNDER = "#D55E00"  # vermillion: CKA < 0 (absent from viridis, distinct from its dark end)
@@ -54,10 +64,11 @@ METRIC_LABELS = {
     "nmi": "normalised mutual information",
 }
 PER_HEAD_FIGURES = {
-    "attention_distance": ("attention_distance_px", "Attention distance per head"),
+    "attention_distance": ("attention_distance_norm", "Attention distance per head"),
     "head_kl": ("head_kl", "Head diversity (KL)"),
     "head_js": ("head_js", "Head diversity (Jensen-Shannon)"),
 }
+NONNEGATIVE = {"attention_distance_px", "attention_distance_norm", "head_kl", "head_js", "entropy", "nmi", "prefix_mass"}
 LAYER_MEAN_FIGURES = {
     "entropy": ("entropy", "Attention entropy (layer mean)"),
     "nmi": ("nmi", "Normalised mutual information (layer mean)"),
@@ -67,6 +78,47 @@ LAYER_MEAN_FIGURES = {
 # ---------------------------------------------------------------------------------------------------------------
 # Small pure helpers
 # ---------------------------------------------------------------------------------------------------------------
+def zero_based_limits(lo: float, hi: float, min_top: float = 0.0, margin: float = 0.06) -> tuple[float, float]:
+    """y limits of a non-negative statistic: from 0 (or below, for negative data) to above the data and
+    ``min_top``, so that a tiny spread is drawn as tiny rather than stretched over the whole panel."""
+    top = max(hi, min_top)
+    top = top * (1 + margin) if top > 0 else 1.0
+    bottom = 0.0 if lo >= 0 else lo - margin * (top - lo)
+    return bottom, top
+
+
+def head_cmap() -> ListedColormap:
+    """viridis without its pale yellow end (weak on white), head 0 darkest."""
+    base = colormaps[HEAD_CMAP]
+    return ListedColormap([base(0.85 * i / 255) for i in range(256)], name="heads")
+
+
+def head_offsets(num_heads: int, width: float = 0.5) -> list[float]:
+    """x offsets that spread a layer's heads over ``width`` around the layer index, head 0 leftmost."""
+    if num_heads <= 1:
+        return [0.0] * num_heads
+    return [width * (h / (num_heads - 1) - 0.5) for h in range(num_heads)]
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start): m_t = mean(v[max(0, t-w+1) .. t])."""
+    out, acc = [], 0.0
+    for t, v in enumerate(values):
+        acc += v
+        if t >= window:
+            acc -= values[t - window]
+        out.append(acc / min(t + 1, window))
+    return out
+
+
+def max_entropy(result: dict, label: str) -> float | None:
+    """ln K of a model's layers (K patch keys, the entropy of uniform attention), if all its layers share it."""
+    ks = {layer.get("num_patch_keys") for layer in T.layers(result, label)}
+    if len(ks) != 1 or None in ks:
+        return None
+    return math.log(ks.pop())
+
+
 def model_colors(labels: Sequence[str]) -> dict[str, str]:
     """One palette colour per model label, in model order (cycling after 8 models)."""
     return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
@@ -137,15 +189,24 @@ def _has_metric(result: dict, label: str, metric: str) -> bool:
 # Drawing
 # ---------------------------------------------------------------------------------------------------------------
 def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
-    return path
+def save_figure(fig: Figure, stem: Path, options: FigureOptions = FigureOptions()) -> Path:
+    """``stem.<format>`` for each of ``options.formats``, cropped to the drawn content (legends outside the axes
+    included); returns the PNG's path."""
+    for fmt in options.formats:
+        path = stem.with_suffix(f".{fmt}")
+        with atomic_path(path) as tmp, rc_context({"svg.hashsalt": "mimlab"}):   # SVG ids: same data, same bytes
+            fig.savefig(tmp, format=fmt, dpi=options.dpi, facecolor="white", bbox_inches="tight", pad_inches=0.08,
+                        metadata=_METADATA[fmt])
+    return stem.with_suffix(".png")
+
+
+_METADATA = {"png": None, "pdf": {"Creator": "mimlab", "CreationDate": None},   # no dates: same data, same bytes
+             "svg": {"Creator": "mimlab", "Date": None}}
 
 
 def _style(ax: Axes) -> None:
@@ -153,6 +214,14 @@ def _style(ax: Axes) -> None:
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    for axis in (ax.xaxis, ax.yaxis):
+        fmt = axis.get_major_formatter()
+        if hasattr(fmt, "set_useOffset"):
+            fmt.set_useOffset(False)   # "+4.158" above the axis hides that the spread is tiny
+
+
+def _finite(values: Sequence[float]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
 
 
 def _depth_axis(ax: Axes, layer_list: Sequence[dict], axis: str = "x", color: str = "#555555",
@@ -181,11 +250,11 @@ def _depth_label(layer_list: Sequence[dict]) -> str:
     return "block index" if stage_spans(layer_list) else "layer index"
 
 
-def _panel_grid(n: int, panel_w: float = 3.3, panel_h: float = 3.0) -> tuple[Figure, list[Axes]]:
+def _panel_grid(n: int, panel_w: float = 3.3, panel_h: float = 3.0, sharey: bool = True) -> tuple[Figure, list[Axes]]:
     ncols = min(n, MAX_COLS)
     nrows = math.ceil(n / ncols)
     fig = _new_figure(0.5 + panel_w * ncols, 0.6 + panel_h * nrows)
-    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel().tolist()
+    axes = fig.subplots(nrows, ncols, sharey=sharey, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig, axes[:n]
@@ -197,62 +266,82 @@ def _title(result: dict, label: str) -> str:
 
 
 def per_head_figure(result: dict, metric: str, title: str) -> Figure:
-    """One panel per model (shared y): a dot per head at each layer, the layer-mean line with its CI band, and for
-    attention distance a dashed line at the model's uniform-attention distance."""
+    """One panel per model (shared y from 0): a dot per head at each layer, coloured by head index and spread
+    around the layer index, the layer-mean line with its CI band, and for normalised attention distance a dashed
+    line at 1.0, the uniform-attention distance (given in pixels in each panel's title)."""
     labels = [lab for lab in T.models(result) if _has_metric(result, lab, metric)]
-    colors = model_colors(list(T.models(result)))
     fig, axes = _panel_grid(len(labels))
-    any_ci = any_uniform = False
+    max_heads = max((len(T.head_values(result, lab, i, metric)) for lab in labels
+                     for i, layer in enumerate(T.layers(result, lab)) if metric in layer), default=1)
+    cmap, norm = head_cmap(), Normalize(0, max(max_heads - 1, 1))
+    any_ci = False
+    uniform_line = metric in ("attention_distance_norm", "attention_distance_px")
+    data: list[float] = [1.0] if metric == "attention_distance_norm" else []
     for k, (ax, label) in enumerate(zip(axes, labels)):
         ls = T.layers(result, label)
-        xs, ys = [], []
+        xs, ys, cs = [], [], []
         for i, layer in enumerate(ls):
             if metric in layer:
                 vals = T.head_values(result, label, i, metric)
-                xs += [i] * len(vals)
+                xs += [i + o for o in head_offsets(len(vals))]
                 ys += vals
-        ax.scatter(xs, ys, s=16, color=colors[label], alpha=0.6, linewidths=0, label="head", zorder=3)
+                cs += list(range(len(vals)))
+        ax.scatter(xs, ys, s=16, c=cs, cmap=cmap, norm=norm, alpha=0.85, linewidths=0, zorder=3)
         means, cis = _layer_means(result, label, metric)
         idx = list(range(len(ls)))
         if any(ci is not None for ci in cis):
             lo = [ci[0] if ci else math.nan for ci in cis]
             hi = [ci[1] if ci else math.nan for ci in cis]
             ax.fill_between(idx, lo, hi, color="#333333", alpha=0.18, linewidth=0, zorder=2)
+            data += _finite(hi)
             any_ci = True
         ax.plot(idx, means, color="#222222", linewidth=1.6, marker="o", markersize=3, zorder=4)
-        if metric == "attention_distance_px":
-            u = T.models(result)[label].get("uniform_distance_px")
+        data += _finite(ys) + _finite(means)
+        u = T.models(result)[label].get("uniform_distance_px")
+        sub = ""
+        if metric == "attention_distance_norm":
+            ax.axhline(1.0, color="#666666", linestyle="--", linewidth=1.2, zorder=1)
             if u is not None:
-                u = float(u)
-                ax.axhline(u, color="#666666", linestyle="--", linewidth=1.2, zorder=1)
-                ax.text(0.99, u, f"uniform {u:.1f} px", transform=blended_transform_factory(ax.transAxes, ax.transData),
-                        ha="right", va="bottom", fontsize=7, color="#444444", zorder=5,
-                        bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 1})
-                any_uniform = True
+                sub = f"\nuniform = {float(u):.1f} px"
+        elif metric == "attention_distance_px" and u is not None:
+            ax.axhline(float(u), color="#666666", linestyle="--", linewidth=1.2, zorder=1)
+            data.append(float(u))
         _style(ax)
         _depth_axis(ax, ls)
-        ax.set_title(_title(result, label), fontsize=10, pad=14 if stage_spans(ls) else 6)
+        ax.set_title(_title(result, label) + sub, fontsize=10, pad=14 if stage_spans(ls) else 6)
         ax.set_xlabel(_depth_label(ls))
         if k % MAX_COLS == 0:
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    handles = [Line2D([], [], linestyle="", marker="o", markersize=5, color="#777777", alpha=0.7, label="head"),
+    if data and metric in NONNEGATIVE:
+        axes[0].set_ylim(*zero_based_limits(min(data), max(data),
+                                            min_top=1.1 if metric == "attention_distance_norm" else 0.0))
+    handles = [Line2D([], [], linestyle="", marker="o", markersize=5, color=cmap(0.5), label="head"),
                Line2D([], [], color="#222222", linewidth=1.6, marker="o", markersize=3, label="layer mean")]
     if any_ci:
         handles.append(Patch(color="#333333", alpha=0.18, linewidth=0, label="95% CI of layer mean"))
-    if any_uniform:
+    if uniform_line:
         handles.append(Line2D([], [], color="#666666", linestyle="--", linewidth=1.2, label="uniform attention"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2 * len(axes)), fontsize=8,
+               frameon=False)
+    if max_heads > 1:
+        cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8, pad=0.02,
+                          ticks=sorted({0, max_heads - 1, (max_heads - 1) // 2}))
+        cb.set_label("head index", fontsize=8)
+        cb.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=11)
     return fig
 
 
 def layer_mean_figure(result: dict, metric: str, title: str) -> Figure:
-    """All models in one panel: the layer mean of ``metric`` vs layer, with 95% CI bands when present."""
+    """All models in one panel, the axis from 0: the layer mean of ``metric`` vs layer, with 95% CI bands when
+    present; for entropy a dashed line at its maximum ln K per model (K patch keys: uniform attention)."""
     labels = [lab for lab in T.models(result) if _has_metric(result, lab, metric)]
     colors = model_colors(list(T.models(result)))
     fig = _new_figure(6.0, 3.6)
     ax = fig.subplots()
     staged = False
+    data: list[float] = []
+    refs: dict[float, tuple[float, list[str]]] = {}   # ln K (rounded, to merge equal K) -> (ln K, colours)
     for label in labels:
         ls = T.layers(result, label)
         means, cis = _layer_means(result, label, metric)
@@ -260,20 +349,97 @@ def layer_mean_figure(result: dict, metric: str, title: str) -> Figure:
         c = colors[label]
         name = plain(label) + (" (random init)" if T.models(result)[label].get("random_init") else "")
         ax.plot(idx, means, color=c, linewidth=1.8, marker="o", markersize=3.5, label=name, zorder=3)
+        data += _finite(means)
         if any(ci is not None for ci in cis):
             lo = [ci[0] if ci else math.nan for ci in cis]
             hi = [ci[1] if ci else math.nan for ci in cis]
             ax.fill_between(idx, lo, hi, color=c, alpha=0.2, linewidth=0, zorder=2)
+            data += _finite(lo) + _finite(hi)
+        if metric == "entropy":
+            h_max = max_entropy(result, label)
+            if h_max is not None:
+                refs.setdefault(round(h_max, 12), (h_max, []))[1].append(c)
         if stage_spans(ls):
             staged = True
             _depth_axis(ax, ls, color=c)
+    for h_max, cs in refs.values():
+        c = cs[0] if len(refs) > 1 else "#666666"
+        ax.axhline(h_max, color=c, linestyle="--", linewidth=1.1, zorder=1,
+                   label=f"maximum ln K = {h_max:.2f} (uniform)")
+        data.append(h_max)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _style(ax)
+    if data and metric in NONNEGATIVE:
+        ax.set_ylim(*zero_based_limits(min(data), max(data)))
     ax.set_xlabel("layer / block index" if staged and len(labels) > 1 else
                   ("block index" if staged else "layer index"))
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(title, fontsize=11, pad=14 if staged else 6)
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    return fig
+
+
+@dataclass
+class LossCurve:
+    """One pretraining run's loss by step (``metrics.csv``), and the trivial predictor's loss when known."""
+    steps: list[int]
+    losses: list[float]
+    trivial: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def read_loss_curve(path: str | os.PathLike, trivial: float | None = None) -> LossCurve:
+    """The step and loss columns of an engine ``metrics.csv`` (rows without a finite loss skipped)."""
+    p = Path(path)
+    steps, losses = [], []
+    try:
+        with open(p, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"step", "loss"} <= set(reader.fieldnames):
+                raise MimlabError(f"{p}: not a training log (needs the columns step and loss)")
+            for row in reader:
+                try:
+                    step, loss = int(row["step"]), float(row["loss"])
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(loss):
+                    steps.append(step)
+                    losses.append(loss)
+    except OSError as e:
+        raise MimlabError(f"{p}: cannot read the training log ({e.strerror})") from e
+    return LossCurve(steps, losses, trivial)
+
+
+def loss_figure(curves: dict[str, LossCurve], title: str = "Pretraining loss") -> Figure:
+    """One panel per run (own y scale, from 0): the loss of every step (faint), its running mean over 5% of the
+    steps, and a dashed line at the trivial predictor's loss when known."""
+    labels = [k for k, c in curves.items() if c.steps]
+    colors = model_colors(labels)
+    fig, axes = _panel_grid(max(len(labels), 1), panel_w=3.6, panel_h=2.8, sharey=False)
+    for k, (ax, label) in enumerate(zip(axes, labels)):
+        c = curves[label]
+        ax.plot(c.steps, c.losses, color=colors[label], alpha=0.3, linewidth=0.8, zorder=2)
+        window = max(1, len(c.losses) // 20)
+        ax.plot(c.steps, running_mean(c.losses, window), color=colors[label], linewidth=1.8, zorder=3)
+        data = list(c.losses)
+        if c.trivial is not None:
+            ax.axhline(c.trivial, color="#666666", linestyle="--", linewidth=1.1, zorder=1)
+            ax.text(0.99, c.trivial, f"trivial predictor {c.trivial:.3g}", ha="right", va="bottom", fontsize=7,
+                    color="#444444", transform=blended_transform_factory(ax.transAxes, ax.transData))
+            data.append(c.trivial)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _style(ax)
+        ax.set_ylim(*zero_based_limits(min(data), max(data)))
+        ax.set_title(plain(label), fontsize=10)
+        ax.set_xlabel("step")
+        if k == 0:
+            ax.set_ylabel("training loss")
+    handles = [Line2D([], [], color="#777777", alpha=0.4, linewidth=0.8, label="per step"),
+               Line2D([], [], color="#777777", linewidth=1.8, label="running mean (5% of steps)")]
+    if any(curves[k].trivial is not None for k in labels):
+        handles.append(Line2D([], [], color="#666666", linestyle="--", linewidth=1.1, label="trivial predictor"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -375,18 +541,24 @@ def token_norm_figure(result: dict, title: str) -> Figure:
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
-def make_figures(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Draw every figure the result has data for into ``out_dir/<name>.png``; returns ``{name: path}``."""
+def make_figures(result: dict, out_dir: str | os.PathLike, options: FigureOptions = FigureOptions(),
+                 losses: dict[str, LossCurve] | None = None) -> dict[str, Path]:
+    """Draw every figure the result has data for into ``out_dir/<name>.<format>`` (and ``loss`` from ``losses``);
+    returns ``{name: PNG path}``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     T.check_result(result)  # a bad result fails before any file is written
+    out.mkdir(parents=True, exist_ok=True)
     labels = list(T.models(result))
     figs: dict[str, Path] = {}
 
     def emit(name: str, fig: Figure) -> None:
-        figs[name] = _save(fig, out / f"{name}.png")
+        figs[name] = save_figure(fig, out / name, options)
 
+    if losses and any(c.steps for c in losses.values()):
+        emit("loss", loss_figure(losses))
     for name, (metric, title) in PER_HEAD_FIGURES.items():
+        if not any(_has_metric(result, lab, metric) for lab in labels) and metric == "attention_distance_norm":
+            metric = "attention_distance_px"   # a metrics.json without the normalised distance
         if any(_has_metric(result, lab, metric) for lab in labels):
             emit(name, per_head_figure(result, metric, title))
     for name, (metric, title) in LAYER_MEAN_FIGURES.items():
@@ -400,3 +572,12 @@ def make_figures(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     if any(_has_token_norms(result, lab) for lab in labels):
         emit("token_norms", token_norm_figure(result, "Token norms: high-norm patch tokens and registers"))
     return figs
+
+
+def write_loss_figure(metrics_csv: str | os.PathLike, out_dir: str | os.PathLike, label: str,
+                      options: FigureOptions = FigureOptions(), trivial: float | None = None) -> Path | None:
+    """``out_dir/loss.<format>`` from one training log; None when the log has no finite loss."""
+    curve = read_loss_curve(metrics_csv, trivial)
+    if not curve.steps:
+        return None
+    return save_figure(loss_figure({label: curve}), Path(out_dir) / "loss", options)

@@ -13,16 +13,22 @@ from typing import Any, Iterable
 
 from mimlab.errors import MimlabError
 from mimlab.report import tables as T
+from mimlab.report.options import FigureOptions
 from mimlab.utils.io import atomic_path
 
 RANDOM_INIT_WARNING = "random initialisation: these numbers describe an untrained network"
 
 # One sentence per figure stating what is plotted (definitions from the project's reading of the paper, PAPER.md).
 CAPTIONS: dict[str, str] = {
+    "loss": (
+        "Training loss of each pretraining by step (faint: every step; solid: running mean over 5% of the steps), "
+        "read from its metrics.csv, with the trivial predictor's loss of the 'trained enough' gate dashed (SimMIM: "
+        "each image's visible mean colour; supervised: ln(classes))."),
     "attention_distance": (
-        "Attention distance of a query i is sum_j A[i,j] * p * ||g_i - g_j|| (pixels between patch centres, "
-        "prefix tokens dropped and rows renormalised), averaged over queries and images for each head (dots), with "
-        "the layer mean (line) and the value for uniform attention on the same grid (dashed)."),
+        "Attention distance of a query i is sum_j A[i,j] * ||g_i - g_j|| (pixels between patch centres, prefix "
+        "tokens dropped and rows renormalised), averaged over queries and images for each head (dots, coloured by "
+        "head index), divided by the distance of uniform attention on the same grid (given in pixels per panel): "
+        "1.0 (dashed) is uniform attention, smaller is more local. The line is the layer mean; the axis starts at 0."),
     "head_kl": (
         "Head diversity of head h is the mean over queries and images of 1/(H-1) * sum over the other heads h' of "
         "KL(A_h[i] || A_h'[i]) in nats, shown per head (dots) with the mean over the layer's heads (line)."),
@@ -30,8 +36,9 @@ CAPTIONS: dict[str, str] = {
         "Head diversity measured with the bounded Jensen-Shannon divergence instead of KL: the mean over queries, "
         "images and other heads of JS(A_h[i], A_h'[i]) in nats, per head (dots) and layer mean (line)."),
     "entropy": (
-        "Entropy of a head is the mean over queries of the entropy (nats) of its attention row; lines are the mean "
-        "over the heads of each layer, bands the 95% bootstrap interval over images when it was computed."),
+        "Entropy of a head is the mean over queries of the entropy (nats) of its attention row over the K patch "
+        "keys; lines are the mean over the heads of each layer, bands the 95% bootstrap interval over images when "
+        "it was computed; dashed: the maximum ln K, reached by uniform attention."),
     "nmi": (
         "Normalised mutual information between query and key under uniform queries (Park et al. 2023), mean over "
         "heads per layer; values near 0 mean every query attends alike (attention collapse)."),
@@ -56,7 +63,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-se
 h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ccc}
 .sub{color:#555;margin-top:0}
 .warning{border:3px solid #b00020;background:#fde7e9;color:#7a0014;padding:.7rem 1rem;margin:1rem 0;
- font-weight:600;border-radius:4px}
+ font-weight:600;border-radius:4px;overflow-wrap:anywhere}
 .warning strong{text-transform:uppercase;letter-spacing:.03em}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
 th,td{border:1px solid #d0d0d0;padding:.25rem .55rem;text-align:left;vertical-align:top}
@@ -286,13 +293,14 @@ def report_html(result: dict, figures: dict[str, Path], title: str = "mimlab pro
 
 
 def write_report(result: dict, out_dir: str | os.PathLike, figures: dict[str, Path] | None = None,
-                 title: str = "mimlab probe report", maps: dict[str, list[Path]] | None = None) -> Path:
+                 title: str = "mimlab probe report", maps: dict[str, list[Path]] | None = None,
+                 figure_options: FigureOptions = FigureOptions()) -> Path:
     """Write ``out_dir/report.html``. ``figures=None`` draws them first into ``out_dir/figures``; ``{}`` means none."""
     out = Path(out_dir)
     if figures is None:
         from mimlab.report.figures import make_figures
 
-        figures = make_figures(result, out / "figures")
+        figures = make_figures(result, out / "figures", figure_options)
     text = report_html(result, figures, title=title, maps=maps, out_dir=out)
     path = out / "report.html"
     with atomic_path(path) as tmp:
@@ -300,9 +308,10 @@ def write_report(result: dict, out_dir: str | os.PathLike, figures: dict[str, Pa
     return path
 
 
-def render_all(result: dict, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Tables, figures (``out_dir/figures``) and ``report.html``; returns
-    ``{"tables": [Path], "figures": {name: Path}, "report": Path}``."""
+def render_all(result: dict, out_dir: str | os.PathLike,
+               figure_options: FigureOptions = FigureOptions()) -> dict[str, Any]:
+    """Tables, figures (``out_dir/figures``, in ``figure_options``' formats) and ``report.html``; returns
+    ``{"tables": [Path], "figures": {name: PNG path}, "report": Path}``."""
     from mimlab.report.figures import make_figures
 
     out = Path(out_dir)
@@ -310,7 +319,7 @@ def render_all(result: dict, out_dir: str | os.PathLike) -> dict[str, Any]:
     paths_tables = T.write_tables(result, out)
     from mimlab.report.maps import write_map_figures
 
-    figs = make_figures(result, out / "figures")
+    figs = make_figures(result, out / "figures", figure_options)
     maps = write_map_figures(result, out)
     report = write_report(result, out, figures=figs, maps=maps)
     return {"tables": paths_tables, "figures": figs, "maps": maps, "report": report}

@@ -111,30 +111,73 @@ def mask_text(mask: dict[str, Any] | None) -> str:
             f"image), encoder patch {mask.get('patch_size')} px")
 
 
-def _gate_tag(reason: str) -> tuple[str, str]:
-    """(the shared gate sentence, a short tag for the row) for a gated claim's reason; ('', reason) otherwise."""
-    prefix = "not trained enough to compare"
-    if reason.startswith(prefix):
-        return reason, "gated (above the table)"
-    return "", reason
+GATE_PREFIX = "not trained enough to compare"
 
 
-def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path) -> dict[str, Path]:
+def gated_models(reason: str, gates: dict[str, Any]) -> list[str]:
+    """The models whose failed gate a claim's reason cites ('... — simmim: ...; supervised: ...')."""
+    if not reason.startswith(GATE_PREFIX):
+        return []
+    return [m for m, g in gates.items() if not g.get("ok") and f"{m}:" in reason]
+
+
+def gates_box(gates: dict[str, Any]) -> str:
+    """One box above the claims table: each model that failed its gate, with why (said once, not per claim)."""
+    from mimlab.report.html import esc
+
+    failed = {m: g for m, g in gates.items() if not g.get("ok")}
+    if not failed:
+        return ""
+    items = "".join(f"<li><b>{esc(m)}</b>: {esc(g.get('reason', ''))}</li>" for m, g in failed.items())
+    return (f'<div class="warning"><strong>Gate</strong> — {GATE_PREFIX}: a claim that uses one of these models is '
+            f"inconclusive whatever its numbers (shown as measured).<ul>{items}</ul></div>")
+
+
+def loss_curves(summary: dict[str, Any]) -> dict[str, Any]:
+    """Each pretrained method's loss by step, read from the metrics.csv beside its model, with the trivial
+    predictor's loss of its gate (final loss / loss ratio); methods without a log (imported checkpoints) left out."""
+    from mimlab.report.figures import read_loss_curve
+
+    curves = {}
+    for m, info in summary["pretrain"].items():
+        log = Path(str(info.get("model", ""))).parent / "metrics.csv"
+        if m == "random" or info.get("imported") or not log.is_file():
+            continue
+        gate = summary.get("gates", {}).get(m, {})
+        loss, ratio = info.get("final_loss"), gate.get("loss_ratio")
+        trivial = loss / ratio if loss is not None and ratio else None
+        curves[m] = read_loss_curve(log, trivial)
+    return curves
+
+
+def _rate(info: dict[str, Any]) -> str:
+    """img/s of a pretraining, marked when the run was one logging interval (its warm-up included)."""
+    rate = info.get("img_per_s")
+    if rate is None:
+        return "\u2014"
+    return fmt_rate(rate) + (" (incl. warm-up)" if info.get("img_per_s_with_warmup") else "")
+
+
+def fmt_rate(rate: float) -> str:
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.1f}"
+
+
+def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path,
+                       figure_options: Any = None) -> dict[str, Path]:
     from mimlab.report.figures import make_figures
     from mimlab.report.html import CSS, _table, esc, figures_html, fmt, model_table, summary_table
+    from mimlab.report.options import FigureOptions
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = load_json(probe["metrics"])
-    figures = make_figures(metrics, out / "figures")
-    gate_sentences: list[str] = []
+    figures = make_figures(metrics, out / "figures", figure_options or FigureOptions(), losses=loss_curves(summary))
     claims_rows = []
     for cid, c in summary["claims"].items():
-        shared, tag = _gate_tag(c.get("reason", ""))
-        if shared and shared not in gate_sentences:
-            gate_sentences.append(shared)
+        gated = gated_models(c.get("reason", ""), summary["gates"])
+        tag = f"gated: {', '.join(gated)} (see above)" if gated else c.get("reason", "")
         claims_rows.append([esc(cid), esc(c["text"]), _verdict_badge(c["verdict"]), esc(c["statistic"]),
                             _fmt_values(c["values"]), esc(c["rule"]), esc(tag)])
-    gates_once = "".join(f'<div class="warning"><strong>Gate</strong> — {esc(g)}</div>' for g in gate_sentences)
+    gates_once = gates_box(summary["gates"])
     gate_rows = [[esc(m), _verdict_badge("holds" if g["ok"] else "inconclusive").replace(
         "holds", "trained enough").replace("inconclusive", "not trained enough"), esc(fmt(g.get("loss_ratio"))),
         esc(fmt(g.get("attention_change"))), esc(fmt(g.get("cka_to_init"))), esc(g.get("reason", ""))]
@@ -147,8 +190,8 @@ def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path
                           esc(fmt(row["model_mean"])) + (f' <span class="ci">[{fmt(ci[0])}, {fmt(ci[1])}]</span>'
                                                          if ci else ""),
                           esc(str(row["model_n"])), esc(fmt(row["baseline"]))])
-    pre_rows = [[esc(m), esc(fmt(i.get("steps"))), esc(fmt(i.get("final_loss"))), esc(fmt(i.get("img_per_s")))]
-                for m, i in summary["pretrain"].items()]
+    pre_rows = [[esc(m), esc(fmt(i.get("steps"))), esc(fmt(i.get("final_loss"))), esc(_rate(i))]
+                for m, i in summary["pretrain"].items() if m != "random"]
     stage_rows = [[esc(n), "cached" if s["skipped"] else "ran", esc(fmt(s["seconds"])), esc(s["key"])]
                   for n, s in summary["stages"].items()]
     html = "\n".join([

@@ -114,7 +114,8 @@ class Study:
             res = pretrain(dataclasses.replace(pcfg, resume=_interrupted(d)))
             run = res.run or {}
             return {"model": str(res.model_path), "steps": res.step, "final_loss": _tail_mean(res.losses),
-                    "img_per_s": res.img_per_s, "mask": (run.get("method_config") or {}).get("mask"),
+                    "img_per_s": res.img_per_s, "img_per_s_with_warmup": res.train.img_per_s_with_warmup,
+                    "mask": (run.get("method_config") or {}).get("mask"),
                     "losses_head": res.losses[:10]}
 
         return Stage(name, (), pcfg, build)
@@ -200,6 +201,7 @@ class Study:
         """Every stage of the study, in an order that respects their dependencies, each with its config built and
         checked: a bad study config fails here, before any stage runs."""
         cfg = self.cfg
+        self.figure_options()                        # checked with the rest, though only the report uses them
         if "simmim" not in cfg.methods or "supervised" not in cfg.methods:
             raise ConfigError("methods", "must hold both 'simmim' and 'supervised': the study compares them")
         labels = [*cfg.methods, "random"]
@@ -221,6 +223,11 @@ class Study:
             out += [self.transfer_stage("supervised", task, seed, drop=cfg.ablation_blocks)
                     for task in cfg.ablation_tasks if task in cfg.tasks for seed in cfg.seeds]
         return {st.name: st for st in out}
+
+    def figure_options(self):
+        from mimlab.report.options import FigureOptions
+
+        return FigureOptions(tuple(self.cfg.figure_format), self.cfg.figure_dpi)
 
     def model_depth(self) -> int | None:
         """The number of blocks of the study's architecture (built on the meta device: no weights)."""
@@ -282,7 +289,7 @@ class Study:
                 downstream.setdefault(label, {}).setdefault(task, []).append(rec[name].outputs)
         probe = rec["probe"].outputs
         summary = build_summary(cfg, pre, probe, baseline, downstream, rec)
-        paths = write_study_report(summary, probe, self.out)
+        paths = write_study_report(summary, probe, self.out, self.figure_options())
         summary["paths"] = {k: str(v) for k, v in paths.items()}
         return summary
 

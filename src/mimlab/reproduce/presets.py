@@ -64,6 +64,9 @@ class StudyConfig:
     gate_loss_ratio: float = 0.9
     gate_attention_change: float = 0.02
     gate_cka_to_init: float = 0.9
+    # report figures (not part of any stage's key: changing them redraws the report only)
+    figure_format: tuple[str, ...] = ("png",)
+    figure_dpi: int = 150
 
     HELP: ClassVar[dict[str, str]] = {
         "preset": "the built-in preset the other keys override (quick, cpu, gpu)",
@@ -96,6 +99,8 @@ class StudyConfig:
         "gate_loss_ratio": "trained-enough gate: final loss / the trivial predictor's loss must be below this",
         "gate_attention_change": "trained-enough gate: attention statistics must move at least this from init",
         "gate_cka_to_init": "trained-enough gate: CKA to the random-init model must be below this",
+        "figure_format": "figure files besides the PNG report.html embeds: [png, pdf, svg] (vector copies)",
+        "figure_dpi": "resolution of the report's PNG figures",
     }
 
     def scale_line(self) -> str:
