@@ -7,7 +7,7 @@ Written once from the commit before the redesign (81a369f, 2026-12-07) with
 and checked by tests/test_golden.py, which recomputes every case with the code at hand and compares it with the
 stored numbers (1e-10 relative for the probe's torch path, bit-identical for the training curves) on a machine like
 the one that wrote them. float32 matmuls round differently on another CPU (other vector units, other GEMM
-kernels: seen between the AVX-512 machine that wrote golden.json and an AVX2-only AMD EPYC, up to 2.3e-6 relative
+kernels: seen between the machine that wrote golden.json (its CPU was not recorded) and an AVX2-only AMD EPYC, up to 2.3e-6 relative
 at bootstrap interval ends and 1.2e-7 in training losses), so elsewhere golden.json is compared at 1e-5 relative
 and a machine's own values, written with `--write-exact tests/golden/exact`, are compared exactly. The CLI is the
 interface that must not change, so the cases call `mimlab.cli.main` and read the files it writes.
