@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -274,8 +274,7 @@ def per_head_figure(result: dict, metric: str, title: str) -> Figure:
     max_heads = max((len(T.head_values(result, lab, i, metric)) for lab in labels
                      for i, layer in enumerate(T.layers(result, lab)) if metric in layer), default=1)
     cmap, norm = head_cmap(), Normalize(0, max(max_heads - 1, 1))
-    any_ci = False
-    uniform_line = metric in ("attention_distance_norm", "attention_distance_px")
+    any_ci = any_uniform = False
     data: list[float] = [1.0] if metric == "attention_distance_norm" else []
     for k, (ax, label) in enumerate(zip(axes, labels)):
         ls = T.layers(result, label)
@@ -301,11 +300,13 @@ def per_head_figure(result: dict, metric: str, title: str) -> Figure:
         sub = ""
         if metric == "attention_distance_norm":
             ax.axhline(1.0, color="#666666", linestyle="--", linewidth=1.2, zorder=1)
+            any_uniform = True
             if u is not None:
                 sub = f"\nuniform = {float(u):.1f} px"
         elif metric == "attention_distance_px" and u is not None:
             ax.axhline(float(u), color="#666666", linestyle="--", linewidth=1.2, zorder=1)
             data.append(float(u))
+            any_uniform = True
         _style(ax)
         _depth_axis(ax, ls)
         ax.set_title(_title(result, label) + sub, fontsize=10, pad=14 if stage_spans(ls) else 6)
@@ -319,7 +320,7 @@ def per_head_figure(result: dict, metric: str, title: str) -> Figure:
                Line2D([], [], color="#222222", linewidth=1.6, marker="o", markersize=3, label="layer mean")]
     if any_ci:
         handles.append(Patch(color="#333333", alpha=0.18, linewidth=0, label="95% CI of layer mean"))
-    if uniform_line:
+    if any_uniform:
         handles.append(Line2D([], [], color="#666666", linestyle="--", linewidth=1.2, label="uniform attention"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2 * len(axes)), fontsize=8,
                frameon=False)
@@ -385,7 +386,6 @@ class LossCurve:
     steps: list[int]
     losses: list[float]
     trivial: float | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def read_loss_curve(path: str | os.PathLike, trivial: float | None = None) -> LossCurve:

@@ -135,7 +135,7 @@ def gates_box(gates: dict[str, Any]) -> str:
 
 def loss_curves(summary: dict[str, Any]) -> dict[str, Any]:
     """Each pretrained method's loss by step, read from the metrics.csv beside its model, with the trivial
-    predictor's loss of its gate (final loss / loss ratio); methods without a log (imported checkpoints) left out."""
+    predictor's loss of its gate; methods without a log (imported checkpoints) left out."""
     from mimlab.report.figures import read_loss_curve
 
     curves = {}
@@ -143,10 +143,7 @@ def loss_curves(summary: dict[str, Any]) -> dict[str, Any]:
         log = Path(str(info.get("model", ""))).parent / "metrics.csv"
         if m == "random" or info.get("imported") or not log.is_file():
             continue
-        gate = summary.get("gates", {}).get(m, {})
-        loss, ratio = info.get("final_loss"), gate.get("loss_ratio")
-        trivial = loss / ratio if loss is not None and ratio else None
-        curves[m] = read_loss_curve(log, trivial)
+        curves[m] = read_loss_curve(log, summary.get("gates", {}).get(m, {}).get("trivial_loss"))
     return curves
 
 

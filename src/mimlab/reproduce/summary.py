@@ -56,6 +56,7 @@ def build_summary(cfg: StudyConfig, pre: dict[str, dict], probe: dict[str, str],
         gates[m] = gate_model(m, loss_ratio=ratio, loss_ratio_max=cfg.gate_loss_ratio, attn_change=attn_change,
                               attn_change_min=cfg.gate_attention_change, cka_to_init=cka_init,
                               cka_to_init_max=cfg.gate_cka_to_init)
+        gates[m]["trivial_loss"] = trivial     # what the loss ratio divides by (the report's loss figure draws it)
 
     # downstream: main metric per model/task over seeds
     values: dict[str, dict[str, list[float]]] = {}
