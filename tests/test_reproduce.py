@@ -182,3 +182,22 @@ def test_submitit_local_launcher_runs_every_stage(tmp_path, capsys):
     rest = _run(cfg, out, capsys)
     assert rest and all(line.startswith("[skip]") for line in rest)
     assert (out / "report.html").is_file()
+
+
+def test_pretrain_stage_killed_after_its_last_checkpoint_records_the_same_loss(tmp_path):
+    """A study killed between a pretraining's final checkpoint and its stage record reruns the stage with nothing
+    left to train: the loss it records (and the gate that reads it) must still be the whole run's, read from
+    metrics.csv, not the empty list of steps that attempt ran."""
+    from mimlab.reproduce.pipeline import Study
+    from mimlab.reproduce.presets import load_config_file
+
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(MINI)
+    stage = Study(load_config_file(str(cfg)), tmp_path / "study", progress=False).pretrain_stage("supervised")
+    d = tmp_path / "study" / "stages" / "pretrain" / "supervised"
+    d.mkdir(parents=True)
+    first = stage.build(d)
+    again = stage.build(d)                  # resumes at step 4 of 4: trains nothing
+    assert first["final_loss"] is not None and len(first["losses_head"]) == 4
+    for k in ("steps", "final_loss", "losses_head", "model"):
+        assert again[k] == first[k], k

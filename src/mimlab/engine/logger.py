@@ -4,9 +4,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from mimlab.errors import MimlabError
 from mimlab.utils.io import atomic_write_text, disk_full_error, is_disk_full
 
 
@@ -30,6 +33,36 @@ def truncate_csv(path: Path, keep_through_step: int) -> None:
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *kept])
     atomic_write_text(path, buf.getvalue())
+
+
+@dataclass
+class LossLog:
+    """The step and loss columns of a run's ``metrics.csv``: its whole history, resumed attempts included."""
+    steps: list[int]
+    losses: list[float]
+
+
+def read_loss_log(path: str | os.PathLike) -> LossLog:
+    """Read ``metrics.csv`` (rows without a finite loss skipped); the in-memory ``TrainResult.losses`` holds only the
+    steps of the last call, so a resumed run's history comes from here."""
+    p = Path(path)
+    steps, losses = [], []
+    try:
+        with open(p, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"step", "loss"} <= set(reader.fieldnames):
+                raise MimlabError(f"{p}: not a training log (needs the columns step and loss)")
+            for row in reader:
+                try:
+                    step, loss = int(row["step"]), float(row["loss"])
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(loss):
+                    steps.append(step)
+                    losses.append(loss)
+    except OSError as e:
+        raise MimlabError(f"{p}: cannot read the training log ({e.strerror})") from e
+    return LossLog(steps, losses)
 
 
 class CsvLog:

@@ -20,7 +20,6 @@ looks flat. ``loss_figure`` draws pretraining loss curves from ``metrics.csv`` f
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
 from matplotlib.ticker import MaxNLocator
 
-from mimlab.errors import MimlabError
+from mimlab.engine.logger import read_loss_log
 from mimlab.report import tables as T
 from mimlab.report.options import DPI, FigureOptions
 from mimlab.utils.io import atomic_path
@@ -390,24 +389,8 @@ class LossCurve:
 
 def read_loss_curve(path: str | os.PathLike, trivial: float | None = None) -> LossCurve:
     """The step and loss columns of an engine ``metrics.csv`` (rows without a finite loss skipped)."""
-    p = Path(path)
-    steps, losses = [], []
-    try:
-        with open(p, newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"step", "loss"} <= set(reader.fieldnames):
-                raise MimlabError(f"{p}: not a training log (needs the columns step and loss)")
-            for row in reader:
-                try:
-                    step, loss = int(row["step"]), float(row["loss"])
-                except (TypeError, ValueError):
-                    continue
-                if math.isfinite(loss):
-                    steps.append(step)
-                    losses.append(loss)
-    except OSError as e:
-        raise MimlabError(f"{p}: cannot read the training log ({e.strerror})") from e
-    return LossCurve(steps, losses, trivial)
+    log = read_loss_log(path)
+    return LossCurve(log.steps, log.losses, trivial)
 
 
 def loss_figure(curves: dict[str, LossCurve], title: str = "Pretraining loss") -> Figure:

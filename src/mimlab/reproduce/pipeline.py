@@ -111,12 +111,15 @@ class Study:
         def build(d: Path) -> dict[str, Any]:
             from mimlab.pretrain.api import pretrain
 
+            from mimlab.engine.logger import read_loss_log
+
             res = pretrain(dataclasses.replace(pcfg, resume=_interrupted(d)))
             run = res.run or {}
-            return {"model": str(res.model_path), "steps": res.step, "final_loss": _tail_mean(res.losses),
+            losses = read_loss_log(res.out / "metrics.csv").losses  # the whole run: res.losses has only this attempt's
+            return {"model": str(res.model_path), "steps": res.step, "final_loss": _tail_mean(losses),
                     "img_per_s": res.img_per_s, "img_per_s_with_warmup": res.train.img_per_s_with_warmup,
                     "mask": (run.get("method_config") or {}).get("mask"),
-                    "losses_head": res.losses[:10]}
+                    "losses_head": losses[:10]}
 
         return Stage(name, (), pcfg, build)
 
