@@ -76,6 +76,7 @@ def test_map_query_outside_the_grid_is_refused_before_any_forward():
     assert not calls
 
 
+@pytest.mark.slow
 def test_cli_maps_write_arrays_figures_and_report(tmp_path):
     torch.manual_seed(0)
     out = tmp_path / "out"

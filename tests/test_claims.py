@@ -4,9 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mimlab.reproduce.claims import (HOLDS, INCONCLUSIVE, NOT, Thresholds, claim_c1, claim_c2, claim_c3, claim_c4,
-                                     claim_c5, claim_c6, collapse_ratio, evaluate_claims, gate_model, last_k, t975,
-                                     top_layers, welch_interval)
+import math
+
+from mimlab.reproduce.claims import (HOLDS, INCONCLUSIVE, NOT, Thresholds, bootstrap_detectable, claim_c1, claim_c2,
+                                     claim_c3, claim_c4, claim_c5, claim_c6, collapse_ratio, evaluate_claims,
+                                     gate_model, last_k, paired_interval, t80, t975, top_layers, welch_interval)
 
 TH = Thresholds()
 
@@ -18,6 +20,53 @@ def test_t_table_and_welch_against_hand_computation():
     d, lo, hi = welch_interval([1, 2, 3], [0, 0, 0])
     assert d == 2 and lo == pytest.approx(2 - 4.303 * np.sqrt(1 / 3)) and hi == pytest.approx(2 + 4.303 * np.sqrt(1 / 3))
     assert welch_interval([1.0], [0.0, 1.0]) is None
+
+
+def _t_cdf(q: float, dof: float, n: int = 200_001) -> float:
+    """Student's t CDF by Simpson's rule on its density (float64), independent of the tables."""
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    x = np.linspace(0.0, q, n)
+    f = c * (1 + x * x / dof) ** (-(dof + 1) / 2)
+    h = q / (n - 1)
+    return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+
+@pytest.mark.parametrize("dof", [1, 2, 3, 4, 5, 7, 10, 15, 20, 29, 30, 60, 1000])
+def test_t_quantiles_against_the_integrated_density(dof):
+    assert _t_cdf(t975(dof), dof) == pytest.approx(0.975, abs=2e-4)       # tables are rounded to 3 decimals
+    assert _t_cdf(t80(dof), dof) == pytest.approx(0.80, abs=2e-4)
+
+
+def test_paired_interval_and_detectable_effect_by_hand():
+    # d = [1, 2, 3]: mean 2, sd 1, se 1/sqrt(3), dof 2: t_0.975 = 4.303, t_0.80 = 1.061
+    iv = paired_interval([1.0, 2.0, 3.0])
+    se = 1 / math.sqrt(3)
+    assert (iv.estimate, iv.n, iv.dof) == (2.0, 3, 2) and iv.se == pytest.approx(se)
+    assert (iv.lo, iv.hi) == (pytest.approx(2 - 4.303 * se), pytest.approx(2 + 4.303 * se))
+    assert iv.detectable == pytest.approx((4.303 + 1.061) * se)
+    assert paired_interval([0.5]) is None
+    assert bootstrap_detectable(-1.96, 1.96) == pytest.approx(1.96 + 0.8416)
+
+
+def test_pairing_removes_the_variation_both_models_share():
+    """Seeds that move both models together (a hard or an easy draw of data order and head init): Welch's interval
+    sees that spread, the per-seed differences do not."""
+    base = [0.20, 0.45, 0.30, 0.60, 0.35]
+    vals = {"mim": {"classify": [b + 0.05 + e for b, e in zip(base, [0.002, -0.001, 0.0, 0.001, -0.002])]},
+            "sup": {"classify": base}}
+    c = claim_c5(vals, "mim", "sup", TH).values["classify"]
+    assert c["interval"] == "paired t" and c["verdict"] == HOLDS and c["ci"][0] > 0.04
+    assert c["welch_ci"][0] < -0.01           # the unpaired interval of the same numbers decides nothing
+    assert c["differences"] == pytest.approx([0.052, 0.049, 0.05, 0.051, 0.048])
+
+
+def test_models_are_paired_by_seed_not_by_position():
+    vals = {"mim": {"track": {0: 0.7, 1: 0.5, 2: 0.9, 5: 0.1}}, "sup": {"track": {2: 0.8, 0: 0.6, 1: 0.4}}}
+    c = claim_c4(vals, "mim", "sup", TH).values["track"]
+    assert c["seeds"] == [0, 1, 2] and c["differences"] == pytest.approx([0.1, 0.1, 0.1])
+    assert c["unpaired_seeds"] == [5] and c["verdict"] == HOLDS
+    assert claim_c4({"mim": {"track": {0: 0.7}}, "sup": {"track": {1: 0.6}}}, "mim", "sup", TH) \
+        .values["track"]["verdict"] == INCONCLUSIVE
 
 
 def test_layer_selections():

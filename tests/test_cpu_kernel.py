@@ -150,6 +150,7 @@ def test_probe_uses_it_on_the_cpu_and_matches_the_torch_path():
             assert la[key] == pytest.approx(lb[key], rel=1e-5, abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_portable_build_without_gcc_shuffles_gives_the_same_numbers(monkeypatch, tmp_path):
     """The code paths for compilers without GCC's __builtin_shuffle (Clang): per-lane table loads for JS and a
     scalar transpose of k. Built here with -DMIMLAB_PORTABLE; same sums as the default build."""
@@ -288,6 +289,7 @@ def test_qk_entry_same_numbers_on_an_openmp_team_or_our_threads(monkeypatch, one
         assert torch.equal(a, b) and torch.equal(a, c), name
 
 
+@pytest.mark.slow
 def test_build_without_openmp_runs_serially_with_the_same_numbers(monkeypatch, tmp_path, one_thread):
     """A compiler without OpenMP (e.g. Clang without libomp): the -fopenmp-simd build, whose batch entries run one
     set per call on our own threads; same sums, and the failed OpenMP build is remembered, not retried."""
@@ -348,6 +350,7 @@ def test_feature_gram_kernel_strided_input_zero_variance_and_non_finite(one_thre
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])      # threads do not change the sum order
 
 
+@pytest.mark.slow
 def test_openmp_build_that_does_not_load_gives_way_to_the_serial_one(monkeypatch, tmp_path):
     """An OpenMP build can compile and still fail to load (a process whose OpenMP runtime lacks a symbol it needs):
     the build without OpenMP is used then, not the slow torch path."""
@@ -412,6 +415,7 @@ def test_trained_like_peaked_rows_are_exact_to_1e5(top_first, P):
         assert err <= 1e-5, f"qk entry, {name}: relative error {err:.2e}"
 
 
+@pytest.mark.slow
 def test_build_is_keyed_by_compiler_and_cpu_and_ships_as_a_source_file(monkeypatch, tmp_path):
     """The library's name hashes the C source, the flags, the compiler's version and the instruction set that
     -march=native selects here: a cache folder shared with a machine of another CPU never hands over its library."""

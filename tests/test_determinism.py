@@ -68,6 +68,7 @@ def folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_probe_twice_in_separate_processes_is_bitwise_identical(folder, tmp_path):
     env = dict(os.environ)
     runs = []

@@ -293,6 +293,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     train(model, mse, Regression(), cfg_for(out, steps=5, accum_steps=1))
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     import torch.multiprocessing as mp
 

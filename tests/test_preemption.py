@@ -88,6 +88,7 @@ def check_preempted(done: subprocess.CompletedProcess, out: Path, sig: signal.Si
     return marker["step"]
 
 
+@pytest.mark.slow
 def test_pretrain_sigusr1_then_same_command_is_bit_identical(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert run(pretrain_argv(ref)).returncode == 0
@@ -104,6 +105,7 @@ def test_pretrain_sigusr1_then_same_command_is_bit_identical(tmp_path):
     assert same(state(out), state(ref)) and losses(out) == losses(ref)
 
 
+@pytest.mark.slow
 def test_transfer_sigterm_then_same_command_is_bit_identical(tmp_path):
     from mimlab.data.downstream import generate
 
@@ -121,6 +123,7 @@ def test_transfer_sigterm_then_same_command_is_bit_identical(tmp_path):
     assert same(state(out), state(ref)) and losses(out) == losses(ref)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_resumed_by_the_marker_logic(tmp_path):
     """Without a marker, the same command into a finished run's directory is still refused."""
     out = tmp_path / "run"

@@ -76,6 +76,7 @@ def _compare(got, want, path=""):
         assert got == want, (path, got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_torchrun_equals_one_process(setup, nproc):
     root, argv, want, want_maps = setup
@@ -93,6 +94,7 @@ def test_torchrun_equals_one_process(setup, nproc):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (root / "single").iterdir())
 
 
+@pytest.mark.slow
 def test_srun_variables_alone_start_the_process_group(setup):
     """Two tasks with SLURM's variables and none of torchrun's, as `srun --ntasks 2` starts them."""
     root, argv, want, _ = setup

@@ -879,7 +879,7 @@ CASES: list[Case] = [
          says(probe_cli(images=8), "skipped 1 image name(s)", "a/x.png (broken symlink)"), Ok(_probe_ok(8))),
     Case("probe/1x1-and-elongated-images", tiny_and_elongated, probe_cli(images=3), Ok(_probe_ok(3))),
     Case("probe/worker-process-error-one-line", folder_with("trunc_png"), subprocess_probe,
-         Error("imgs/a/0_trunc.png", "truncated")),
+         Error("imgs/a/0_trunc.png", "truncated"), [pytest.mark.slow]),
     Case("probe/same-out-as-a-running-probe", lambda f, d: {"data": copy(f, "imgs", d)},
          holding_lock(probe_cli(), "probe_out"), Error("probe_out", "in use by another run", "(mimlab probe)")),
     Case("probe/npy-nan-inf", npy("nan"), probe_cli(images=4), Error("x.npy", "image 2 holds NaN or inf")),
@@ -1086,7 +1086,8 @@ CASES: list[Case] = [
          says(transfer_cli("classify", backbone=f"{ARCH}@{{d}}/bf16.safetensors"), "bfloat16 -> float32"),
          Ok(transfer_load_record("cast_from", ["bfloat16 -> float32"]))),
     Case("ckpt/probe-raw-pkl-refusal-alone", with_data(checkpoint("evil_pkl"), "imgs"),
-         subprocess_probe_torch_warns("evil.pkl"), Error("evil.pkl", "not a weights-only checkpoint")),
+         subprocess_probe_torch_warns("evil.pkl"), Error("evil.pkl", "not a weights-only checkpoint"),
+         [pytest.mark.slow]),
     Case("ckpt/probe-hf-dir-malicious-bin", hf_evil, hf_probe, Error("hf", "pytorch_model.bin")),
     # --- NaN / inf activations during a probe ------------------------------------------------------------------
     Case("nan/probe-attention-weights-nan", nan_block_model, probe_nan_weights("attn"),

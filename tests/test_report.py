@@ -329,6 +329,7 @@ def test_loss_curve_from_metrics_csv(tmp_path):
         read_loss_curve(tmp_path / "bad.csv")
 
 
+@pytest.mark.slow
 def test_figure_formats_and_dpi(result, tmp_path):
     from PIL import Image
 
@@ -491,9 +492,36 @@ def test_claim_numbers_are_rounded_to_their_interval_and_tasks_are_a_subtable():
                   "<b>delta</b>: 0.00005 [-0.00003, 0.00019]")
     c4 = _fmt_values({"depth": {"metric": "rmse", "higher_is_better": False, "simmim": [2.5, 2.7],
                                 "supervised": [2.6, 2.8], "mean_simmim": 2.6, "mean_supervised": 2.7,
-                                "better_by": 0.1, "ci": [-0.31, 0.51], "verdict": "inconclusive"}})
+                                "better_by": 0.1, "ci": [-0.31, 0.51], "detectable": 0.6123, "verdict": "inconclusive"}})
     assert c4.startswith('<table class="tasks">') and "<td>depth</td>" in c4 and "0.10 [-0.31, 0.51]" in c4
+    assert "detectable (80% power)" in c4 and "<td>0.61</td>" in c4
     assert "(n=2)" in c4 and "[2.5" not in c4 and "higher_is_better" not in c4        # no Python literals
     assert mask_text({"mask_patch_size": 8, "mask_cells": [4, 4], "masked_cells": 10, "mask_ratio": 0.6,
                       "masked_fraction": 0.625, "patch_size": 8}) == \
         "8 px cells on a 4x4 grid, 10 masked (ratio 0.6, 62.5% of the image), encoder patch 8 px"
+
+
+def test_paired_differences_figure_from_a_study_summary(tmp_path):
+    """The C4-C6 task comparisons with per-seed differences become one panel each (titles carry the verdict)."""
+    from mimlab.report.figures import paired_differences_figure, save_figure
+    from mimlab.reproduce.claims import Thresholds, claim_c4, claim_c5
+    from mimlab.report.study import paired_comparisons
+
+    vals = {"mim": {"keypoints": {0: 0.5, 1: 0.52, 2: 0.51}, "depth": {0: 0.3, 1: 0.31}, "track": {0: 0.6},
+                    "classify": {0: 0.8, 1: 0.801, 2: 0.8}},
+            "sup": {"keypoints": {0: 0.41, 1: 0.41, 2: 0.43}, "depth": {0: 0.4, 1: 0.39}, "track": {0: 0.5},
+                    "classify": {0: 0.8, 1: 0.8, 2: 0.8}}}
+    claims = {"C4": claim_c4(vals, "mim", "sup", Thresholds()).to_dict(),
+              "C5": claim_c5(vals, "mim", "sup", Thresholds()).to_dict(),
+              "C3": {"values": {"mim": 0.9, "sup": 0.5, "delta": 0.4}}}
+    comps = paired_comparisons(claims)
+    assert [c.name for c in comps] == ["C4 keypoints", "C4 depth", "C4 track", "C5 classify"]
+    kp = comps[0]
+    assert kp.seeds == [0, 1, 2] and kp.differences == pytest.approx([0.09, 0.11, 0.08]) and kp.verdict == "holds"
+    assert comps[1].differences == pytest.approx([0.1, 0.08])   # depth: lower RMSE is better; 2 seeds, t(1) = 12.7
+    assert comps[2].ci is None and comps[3].threshold == -0.01
+    fig = paired_differences_figure(comps)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert titles == ["C4 keypoints: holds", "C4 depth: inconclusive", "C4 track: inconclusive", "C5 classify: holds"]
+    png = save_figure(fig, tmp_path / "paired")
+    assert png.is_file() and png.stat().st_size > 5_000

@@ -47,6 +47,7 @@ def test_miniature_study_report_schema_and_caching(tmp_path, capsys):
     assert (out / "downstream.csv").is_file() and (out / "claims.csv").is_file()
     # the pretraining loss curves (from each stage's metrics.csv) lead the figures; img/s of a short run is shown
     assert (out / "figures" / "loss.png").is_file() and 'id="fig-loss"' in html
+    assert (out / "figures" / "paired_differences.png").is_file() and 'id="fig-paired_differences"' in html
     assert all(summary["pretrain"][m]["img_per_s"] > 0 for m in ("simmim", "supervised"))
 
     # second run: every stage cached

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow    # every kernel call runs in one TRITON_INTERPRET subprocess (~8 s of setup)
 pytest.importorskip("triton", reason="triton is not importable: the fused kernel is optional")
 
 from mimlab.probe.attention_stats import ChunkSums, chunk_sums_tensors, finalize_image_stats  # noqa: E402

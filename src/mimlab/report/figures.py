@@ -16,7 +16,8 @@ Models whose layers carry a ``stage`` (Swin-like) get stage boundaries drawn and
 CKA colours are fixed to [0, 1]; values outside (unbiased CKA may be slightly negative) keep their value and are
 drawn in distinct under/over colours shown as the colour bar's end triangles.
 Axes of non-negative statistics start at 0 and never use offset notation, so an untrained network's flat profile
-looks flat. ``loss_figure`` draws pretraining loss curves from ``metrics.csv`` files (``read_loss_curve``).
+looks flat. ``loss_figure`` draws pretraining loss curves from ``metrics.csv`` files (``read_loss_curve``);
+``paired_differences_figure`` a study's per-seed differences behind claims C4-C6.
 """
 from __future__ import annotations
 
@@ -422,6 +423,58 @@ def loss_figure(curves: dict[str, LossCurve], title: str = "Pretraining loss") -
     if any(curves[k].trivial is not None for k in labels):
         handles.append(Line2D([], [], color="#666666", linestyle="--", linewidth=1.1, label="trivial predictor"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+@dataclass
+class PairedComparison:
+    """One task comparison of a claim: per-seed differences in the better direction, their paired 95% interval,
+    the rule's threshold (0, or -margin for non-inferiority) and the verdict."""
+    name: str                  # e.g. "C4 keypoints"
+    ylabel: str                # e.g. "AP: simmim - supervised"
+    seeds: list[int]
+    differences: list[float]
+    ci: tuple[float, float] | None
+    threshold: float
+    verdict: str
+
+
+VERDICT_COLORS = {"holds": "#1b7837", "does_not_hold": "#b00020", "inconclusive": "#8a6d00"}
+
+
+def paired_differences_figure(comparisons: Sequence[PairedComparison],
+                              title: str = "Per-seed paired differences (better direction)") -> Figure:
+    """One panel per comparison: a dot per seed, the mean and its 95% interval as a bar at the right, 0 as a solid
+    line and the rule's threshold dashed when it is not 0; the panel's frame coloured by the verdict."""
+    fig, axes = _panel_grid(max(len(comparisons), 1), panel_w=2.6, panel_h=2.5, sharey=False)
+    for ax, c in zip(axes, comparisons):
+        color = VERDICT_COLORS.get(c.verdict, "#555555")
+        xs = list(range(len(c.differences)))
+        ax.scatter(xs, c.differences, s=22, color="#333333", zorder=3)
+        right = len(xs) + 0.3
+        data = list(c.differences) + [0.0, c.threshold]
+        if c.ci is not None:
+            mean = sum(c.differences) / len(c.differences)
+            ax.errorbar([right], [mean], yerr=[[mean - c.ci[0]], [c.ci[1] - mean]], fmt="D", color=color,
+                        capsize=4, markersize=5, zorder=4)
+            data += list(c.ci)
+        ax.axhline(0.0, color="#444444", linewidth=0.9, zorder=1)
+        if c.threshold != 0:
+            ax.axhline(c.threshold, color="#444444", linestyle="--", linewidth=0.9, zorder=1)
+        _style(ax)
+        lo, hi = min(data), max(data)
+        pad = 0.08 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xticks(xs + [right], [f"s{s}" for s in c.seeds] + ["95% CI"], fontsize=7)
+        ax.set_title(f"{c.name}: {c.verdict.replace('_', ' ')}", fontsize=9, color=color)
+        ax.set_ylabel(c.ylabel, fontsize=8)
+        for side in ("left", "bottom"):
+            ax.spines[side].set_color(color)
+    handles = [Line2D([], [], color="#333333", marker="o", linestyle="", label="one seed"),
+               Line2D([], [], color="#777777", marker="D", label="mean, 95% paired t interval"),
+               Line2D([], [], color="#444444", linestyle="--", linewidth=0.9, label="non-inferiority threshold")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     return fig
 

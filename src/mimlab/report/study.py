@@ -64,11 +64,33 @@ def _task_subtable(values: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{esc(fmt(v.get(f'mean_{m}')))} <span class=\"ci\">(n={n})</span>")
         diff = v.get("better_by")
         cells.append(esc(with_interval(diff, v.get("ci"))) if diff is not None else esc(v.get("note", "\u2014")))
+        det = v.get("detectable")
+        cells.append(esc(round_to(det, interval_decimals(*v["ci"])) if det is not None else "\u2014"))
         cells.append(_verdict_badge(v.get("verdict", "inconclusive")))
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    head = ["task", "metric", *[f"{m} mean" for m in (models or [])], "\u0394 better [95% CI]", "verdict"]
+    head = ["task", "metric", *[f"{m} mean" for m in (models or [])], "\u0394 better [95% paired CI]",
+            "detectable (80% power)", "verdict"]
     return ('<table class="tasks"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
             + "".join(rows) + "</table>")
+
+
+def paired_comparisons(claims: dict[str, Any]) -> list[Any]:
+    """The per-task comparisons of C4-C6 that have per-seed differences, for the paired-differences figure."""
+    from mimlab.report.figures import PairedComparison
+
+    out = []
+    for cid, c in claims.items():
+        if not _is_task_table(c.get("values")):
+            continue
+        for task, v in c["values"].items():
+            if not v.get("differences"):
+                continue
+            a, b = v.get("compared", ["", ""])
+            unit = "relative change" if v.get("relative") else v["metric"]
+            out.append(PairedComparison(name=f"{cid} {task}", ylabel=f"{unit}: {a} vs {b}", seeds=v["seeds"],
+                                        differences=v["differences"], ci=tuple(v["ci"]) if v.get("ci") else None,
+                                        threshold=v.get("threshold", 0.0), verdict=v.get("verdict", "inconclusive")))
+    return out
 
 
 def _fmt_values(values: Any) -> str:
@@ -161,13 +183,24 @@ def fmt_rate(rate: float) -> str:
 
 def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path,
                        figure_options: Any = None) -> dict[str, Path]:
-    from mimlab.report.figures import make_figures
-    from mimlab.report.html import CSS, _table, esc, figures_html, fmt, model_table, summary_table
+    from mimlab.report.figures import make_figures, paired_differences_figure, save_figure
+    from mimlab.report.html import CSS, _table, esc, figures_html, fmt, model_table, png_data_uri, summary_table
     from mimlab.report.options import FigureOptions
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = load_json(probe["metrics"])
-    figures = make_figures(metrics, out / "figures", figure_options or FigureOptions(), losses=loss_curves(summary))
+    options = figure_options or FigureOptions()
+    figures = make_figures(metrics, out / "figures", options, losses=loss_curves(summary))
+    paired = paired_comparisons(summary["claims"])
+    paired_html = ""
+    if paired:
+        png = save_figure(paired_differences_figure(paired), out / "figures" / "paired_differences", options)
+        paired_html = (f'<figure id="fig-paired_differences"><img src="{png_data_uri(png)}" alt="paired differences">'
+                       "<figcaption><strong>Paired differences.</strong> Claims C4-C6 task by task: one dot per "
+                       "transfer seed (the same seed gives both models the same batches, augmentation and head "
+                       "initialisation), the mean with its 95% paired t interval at the right, 0 solid and the "
+                       "non-inferiority threshold dashed; the title gives the verdict. A task is decided when "
+                       "its interval clears the threshold.</figcaption></figure>")
     claims_rows = []
     for cid, c in summary["claims"].items():
         gated = gated_models(c.get("reason", ""), summary["gates"])
@@ -202,7 +235,7 @@ def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path
         "initialisation with the same budget.</p>",
         f'<div class="warning"><strong>Scale</strong> — {esc(summary["scale"])}</div>',
         "<h2>Claims</h2>", gates_once,
-        _table(["id", "claim", "verdict", "statistic", "numbers", "rule", "note"], claims_rows),
+        _table(["id", "claim", "verdict", "statistic", "numbers", "rule", "note"], claims_rows), paired_html,
         "<h2>Were the models trained enough to be compared?</h2>",
         "<p>Loss ratio: final training loss / a trivial predictor's (SimMIM: each image's visible mean colour, "
         f"L1 = {esc(fmt(summary.get('simmim_mean_colour_l1')))}; supervised: ln(classes); MAE: 1). Attention "

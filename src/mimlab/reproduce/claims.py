@@ -17,14 +17,19 @@ Rules (95% intervals):
   Δ = MIM - supervised (no interval: unbiased minibatch CKA); holds if Δ >= `cka_margin` (0.05), does_not_hold if
   Δ <= -`cka_margin`, else inconclusive.
 - C4 (MIM better on keypoints AP, depth RMSE, tracking SUC) and C5 (MIM at least as good on fine-grained top-1):
-  mean over seeds, Welch 95% interval of the difference in the task's "better" direction. C4 per task: holds if the
-  interval lies above 0, does_not_hold if below 0; C4 holds if every task holds, does_not_hold if any task does
-  not, else inconclusive. C5 (non-inferiority, margin `noninferiority` = 0.01 of the metric): holds if the interval
-  lies above -margin, does_not_hold if it lies below -margin. One seed gives no interval: inconclusive.
+  per seed, the difference of the two models' metric in the task's "better" direction; the paired t 95% interval of
+  its mean (n - 1 degrees of freedom). Seed s gives every backbone the same batches, augmentation and head
+  initialisation (tests/test_transfer_pairing.py), so the seed-to-seed variation that both models share cancels:
+  the reason the interval is paired rather than Welch's (docs/reproduce.md, "Why paired"). C4 per task: holds if
+  the interval lies above 0, does_not_hold if below 0; C4 holds if every task holds, does_not_hold if any task
+  does not, else inconclusive. C5 (non-inferiority, margin `noninferiority` = 0.01 of the metric): holds if the
+  interval lies above -margin, does_not_hold if it lies below -margin. Fewer than 2 common seeds: inconclusive.
 - C6 (dropping the supervised model's last blocks does not hurt geometric tasks): non-inferiority of
-  drop-last-K vs the full supervised model on keypoints and depth, relative margin 2%: per task holds if the
-  interval of the relative change (in the "better" direction) lies above -2%, does_not_hold if below; C6 holds if
-  both hold.
+  drop-last-K vs the full supervised model on keypoints and depth, relative margin 2%: per seed the relative change
+  (difference / the full model's mean, in the "better" direction), paired t interval; per task holds if the
+  interval lies above -2%, does_not_hold if below; C6 holds if both hold.
+- Every interval comes with its detectable effect: the true difference the rule detects with 80% power at the
+  observed spread, (t_0.975 + t_0.80) x its standard error (for a bootstrap interval, se = width / (2 x 1.96)).
 - Any claim involving a model that failed its "trained enough" gate is inconclusive, and says which gate failed.
 """
 from __future__ import annotations
@@ -93,17 +98,68 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
-def t975(dof: float) -> float:
-    """t_{0.975} for a (possibly fractional, Welch) number of degrees of freedom: table, linear in 1/dof between
-    entries, 1.960 in the limit."""
+# one-sided 80% quantiles of Student's t (t_{0.80}) for 1..30 degrees of freedom (standard tables): power
+_T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868, 0.866,
+        0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854]
+
+
+def _t_table(table: list[float], limit: float, dof: float) -> float:
+    """A t quantile for a (possibly fractional) number of degrees of freedom: the table, linear in 1/dof between
+    entries and from dof 30 to the normal quantile `limit`."""
     if dof <= 1:
-        return _T975[0]
+        return table[0]
     if dof >= 30:
-        return 1.960 + (_T975[-1] - 1.960) * 30 / dof
+        return limit + (table[-1] - limit) * 30 / dof
     lo = int(math.floor(dof))
     hi = lo + 1
     w = (1 / dof - 1 / hi) / (1 / lo - 1 / hi)
-    return w * _T975[lo - 1] + (1 - w) * _T975[hi - 1]
+    return w * table[lo - 1] + (1 - w) * table[hi - 1]
+
+
+def t975(dof: float) -> float:
+    """t_{0.975}: the two-sided 95% interval's quantile."""
+    return _t_table(_T975, 1.960, dof)
+
+
+def t80(dof: float) -> float:
+    """t_{0.80}: the quantile that 80% power adds to the interval's."""
+    return _t_table(_T80, 0.8416, dof)
+
+
+@dataclass
+class Interval:
+    """A mean difference, its 95% t interval [lo, hi], standard error, degrees of freedom and number of pairs."""
+    estimate: float
+    lo: float
+    hi: float
+    se: float
+    dof: float
+    n: int
+
+    @property
+    def detectable(self) -> float:
+        """The true difference this design detects with 80% power at the observed spread: (t_0.975 + t_0.80) se."""
+        return (t975(self.dof) + t80(self.dof)) * self.se
+
+
+def paired_interval(differences: Sequence[float], level: float = 0.95) -> Interval | None:
+    """Mean of per-seed differences d_i and its paired t interval: mean(d) +- t_0.975(n - 1) sd(d) / sqrt(n);
+    None with fewer than 2 pairs."""
+    if abs(level - 0.95) > 1e-12:
+        raise ValueError("only 95% intervals are supported")
+    d = np.asarray(differences, float)
+    n = len(d)
+    if n < 2:
+        return None
+    m = float(d.mean())
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    half = t975(n - 1) * se
+    return Interval(m, m - half, m + half, se, n - 1, n)
+
+
+def bootstrap_detectable(lo: float, hi: float) -> float:
+    """The detectable effect of a percentile bootstrap interval, read as normal: se = (hi - lo) / (2 x 1.96)."""
+    return (1.960 + 0.8416) * (hi - lo) / (2 * 1.960)
 
 
 def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
@@ -158,7 +214,8 @@ def claim_c1(dist_norm: dict[str, np.ndarray], reps: dict[str, np.ndarray], mim:
     return Claim("C1", "supervised top layers are more global than MIM's", _sign_verdict(lo, hi),
                  f"mean normalised attention distance over layers {sl.start}..{L - 1}; Δ = {sup} - {mim}",
                  "holds if the paired 95% bootstrap interval of Δ lies above 0; does_not_hold if below 0",
-                 {sup: float(s_sup), mim: float(s_mim), "delta": float(s_sup - s_mim), "ci": [lo, hi]})
+                 {sup: float(s_sup), mim: float(s_mim), "delta": float(s_sup - s_mim), "ci": [lo, hi],
+                  "detectable": bootstrap_detectable(lo, hi)})
 
 
 def claim_c2(kl: dict[str, np.ndarray], reps: dict[str, np.ndarray], mim: str, sup: str, th: Thresholds) -> Claim:
@@ -179,7 +236,7 @@ def claim_c2(kl: dict[str, np.ndarray], reps: dict[str, np.ndarray], mim: str, s
                  f"r_{mim} - r_{sup} above 0; does_not_hold if r_{sup}'s interval lies above {th.collapse_ratio} "
                  "or the difference's below 0",
                  {f"r_{sup}": r_sup, f"r_{sup}_ci": [sup_lo, sup_hi], f"r_{mim}": r_mim,
-                  "difference_ci": [d_lo, d_hi]})
+                  "difference_ci": [d_lo, d_hi], "detectable": bootstrap_detectable(d_lo, d_hi)})
 
 
 def mean_offdiag(m: np.ndarray) -> float:
@@ -195,28 +252,44 @@ def claim_c3(cka_within: dict[str, np.ndarray], mim: str, sup: str, th: Threshol
     return Claim("C3", "MIM's layers are more uniformly similar (CKA) than the supervised model's", verdict,
                  f"mean off-diagonal layer-by-layer linear CKA; Δ = {mim} - {sup}",
                  f"holds if Δ >= {th.cka_margin}; does_not_hold if Δ <= -{th.cka_margin} (no interval: unbiased "
-                 "minibatch CKA is a single estimate)", {mim: a, sup: b, "delta": d})
+                 "minibatch CKA is a single estimate)", {mim: a, sup: b, "delta": d, "detectable": th.cka_margin})
 
 
-def _task_compare(values: dict[str, dict[str, list[float]]], task: str, a: str, b: str, th: Thresholds,
+def _by_seed(v: Sequence[float] | dict[Any, float] | None) -> dict[Any, float]:
+    """A model's per-seed results: {seed: value}, or a list in seed order (position = seed index)."""
+    if not v:
+        return {}
+    return dict(v) if isinstance(v, dict) else dict(enumerate(v))
+
+
+def _task_compare(values: dict[str, dict[str, Any]], task: str, a: str, b: str, th: Thresholds,
                   margin: float = 0.0, relative: bool = False) -> dict[str, Any]:
-    """Compare model a vs b on a task in its 'better' direction: interval of (a - b) * sign (relative if asked)."""
+    """Compare model a vs b on a task in its 'better' direction: the paired t interval of the per-seed differences
+    (a_s - b_s) * sign, divided by |mean(b)| if relative. Welch's interval of the same numbers is kept beside it
+    (`welch_ci`) to show what pairing bought."""
     metric, higher = TASK_METRIC[task]
-    va, vb = values.get(a, {}).get(task, []), values.get(b, {}).get(task, [])
-    out: dict[str, Any] = {"metric": metric, "higher_is_better": higher, a: va, b: vb}
-    if not va or not vb:
+    ra, rb = _by_seed(values.get(a, {}).get(task)), _by_seed(values.get(b, {}).get(task))
+    out: dict[str, Any] = {"metric": metric, "higher_is_better": higher, a: list(ra.values()), b: list(rb.values()),
+                           "compared": [a, b], "relative": relative, "threshold": -margin}
+    if not ra or not rb:
         out.update(verdict=INCONCLUSIVE, note="missing results")
         return out
+    seeds = [s for s in ra if s in rb]
+    out[f"mean_{a}"], out[f"mean_{b}"] = float(np.mean(list(ra.values()))), float(np.mean(list(rb.values())))
+    unpaired = sorted(set(ra) ^ set(rb), key=str)
+    if unpaired:
+        out["unpaired_seeds"] = unpaired            # left out of the differences
     sign = 1.0 if higher else -1.0
-    scale = abs(float(np.mean(vb))) if relative else 1.0
-    scale = scale or 1.0
-    w = welch_interval([sign * x / scale for x in va], [sign * x / scale for x in vb], th.level)
-    out[f"mean_{a}"], out[f"mean_{b}"] = float(np.mean(va)), float(np.mean(vb))
-    if w is None:
-        out.update(verdict=INCONCLUSIVE, note="fewer than 2 seeds: no interval")
+    scale = (abs(float(np.mean([rb[s] for s in seeds]))) if relative and seeds else 1.0) or 1.0
+    diffs = [sign * (ra[s] - rb[s]) / scale for s in seeds]
+    iv = paired_interval(diffs, th.level)
+    out.update(seeds=seeds, differences=diffs, interval="paired t")
+    if iv is None:
+        out.update(verdict=INCONCLUSIVE, note="fewer than 2 common seeds: no interval")
         return out
-    d, lo, hi = w
-    out.update(better_by=d, ci=[lo, hi], verdict=_sign_verdict(lo, hi, -margin))
+    w = welch_interval([sign * ra[s] / scale for s in seeds], [sign * rb[s] / scale for s in seeds], th.level)
+    out.update(better_by=iv.estimate, ci=[iv.lo, iv.hi], se=iv.se, detectable=iv.detectable,
+               welch_ci=[w[1], w[2]] if w else None, verdict=_sign_verdict(iv.lo, iv.hi, -margin))
     return out
 
 
@@ -225,7 +298,7 @@ def claim_c4(values, mim: str, sup: str, th: Thresholds) -> Claim:
     vs = [p["verdict"] for p in per.values()]
     verdict = HOLDS if all(v == HOLDS for v in vs) else NOT if any(v == NOT for v in vs) else INCONCLUSIVE
     return Claim("C4", "MIM is better on keypoints (AP), depth (RMSE) and tracking (SUC)", verdict,
-                 f"per task: mean over seeds, Welch 95% interval of {mim} - {sup} in the task's better direction",
+                 f"per task: per-seed difference {mim} - {sup} in the task's better direction; paired t 95% interval",
                  "per task holds if the interval lies above 0, does_not_hold if below; C4 holds if all three hold, "
                  "does_not_hold if any does not", per)
 
@@ -233,7 +306,7 @@ def claim_c4(values, mim: str, sup: str, th: Thresholds) -> Claim:
 def claim_c5(values, mim: str, sup: str, th: Thresholds) -> Claim:
     c = _task_compare(values, "classify", mim, sup, th, margin=th.noninferiority)
     return Claim("C5", "MIM is at least as good on fine-grained classification", c["verdict"],
-                 f"top-1 over seeds, Welch 95% interval of {mim} - {sup}",
+                 f"top-1, per-seed difference {mim} - {sup}; paired t 95% interval",
                  f"non-inferiority: holds if the interval lies above -{th.noninferiority}, does_not_hold if below",
                  {"classify": c})
 
@@ -244,7 +317,8 @@ def claim_c6(values, sup: str, sup_drop: str, th: Thresholds, k: int) -> Claim:
     vs = [p["verdict"] for p in per.values()]
     verdict = HOLDS if all(v == HOLDS for v in vs) else NOT if any(v == NOT for v in vs) else INCONCLUSIVE
     return Claim("C6", f"dropping the supervised model's last {k} blocks does not hurt geometric tasks", verdict,
-                 f"relative change of the task metric, {sup_drop} vs {sup}, in the better direction; Welch 95% interval",
+                 f"per-seed relative change of the task metric, {sup_drop} vs {sup}, in the better direction; paired t "
+                 "95% interval",
                  f"non-inferiority per task: holds if the interval lies above -{th.relative_margin:.0%}, "
                  "does_not_hold if below; C6 holds if keypoints and depth both hold", per)
 

@@ -288,8 +288,9 @@ class Study:
         downstream: dict[str, dict[str, Any]] = {}
         for name in self.plan:
             if name.startswith("transfer/"):
-                _, label, task, _seed = name.split("/")
-                downstream.setdefault(label, {}).setdefault(task, []).append(rec[name].outputs)
+                _, label, task, seed = name.split("/")
+                downstream.setdefault(label, {}).setdefault(task, []).append(
+                    {**rec[name].outputs, "seed": int(seed.removeprefix("s"))})
         probe = rec["probe"].outputs
         summary = build_summary(cfg, pre, probe, baseline, downstream, rec)
         paths = write_study_report(summary, probe, self.out, self.figure_options())

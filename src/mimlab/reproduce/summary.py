@@ -58,14 +58,14 @@ def build_summary(cfg: StudyConfig, pre: dict[str, dict], probe: dict[str, str],
                               cka_to_init_max=cfg.gate_cka_to_init)
         gates[m]["trivial_loss"] = trivial     # what the loss ratio divides by (the report's loss figure draws it)
 
-    # downstream: main metric per model/task over seeds
-    values: dict[str, dict[str, list[float]]] = {}
+    # downstream: main metric per model/task over seeds ({seed: value}: the claims pair models by seed)
+    values: dict[str, dict[str, dict[int, float]]] = {}
     table: list[dict[str, Any]] = []
     for label, tasks in downstream.items():
         for task, runs in tasks.items():
             metric, higher = TASK_METRIC[task]
             vals = [r["metrics"][metric] for r in runs]
-            values.setdefault(label, {})[task] = vals
+            values.setdefault(label, {})[task] = {r.get("seed", i): v for i, (r, v) in enumerate(zip(runs, vals))}
             base = [r["baseline"][metric] for r in runs]
             table.append({"model": label, "task": task, "metric": metric, "higher_is_better": higher,
                           **{f"model_{k}": v for k, v in _mean_ci(vals).items()},
