@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved study config as YAML (edit it and pass it back with --config) and exit")
     p.add_argument("--preset", default=None, choices=["quick", "cpu", "gpu"],
-                   help="quick: minutes on a CPU (default); cpu: about an hour on 2 cores; gpu: one GPU")
+                   help="quick: minutes on a CPU (default); cpu: about 40 minutes on 2 cores; gpu: one GPU")
     p.add_argument("--config", default=None, help="a YAML or TOML file: optional 'preset' plus overrides")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",

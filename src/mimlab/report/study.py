@@ -86,8 +86,9 @@ def paired_comparisons(claims: dict[str, Any]) -> list[Any]:
             if not v.get("differences"):
                 continue
             a, b = v.get("compared", ["", ""])
-            unit = "relative change" if v.get("relative") else v["metric"]
-            out.append(PairedComparison(name=f"{cid} {task}", ylabel=f"{unit}: {a} vs {b}", seeds=v["seeds"],
+            unit = f"{v['metric']} / {b}'s mean" if v.get("relative") else v["metric"]
+            out.append(PairedComparison(name=f"{cid} {task}", ylabel=f"{a} better than {b} by ({unit})",
+                                        seeds=v["seeds"],
                                         differences=v["differences"], ci=tuple(v["ci"]) if v.get("ci") else None,
                                         threshold=v.get("threshold", 0.0), verdict=v.get("verdict", "inconclusive")))
     return out

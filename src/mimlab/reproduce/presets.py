@@ -108,8 +108,15 @@ class StudyConfig:
                 if self.pretrain_crop_scale is not None else "")
         return (f"preset '{self.preset}': {self.arch} ({self.model_kwargs or 'default kwargs'}), "
                 f"{self.pretrain_steps} pretraining steps x batch {self.pretrain_batch_size} per method on "
-                f"{self.pretrain_data}{crop}; {self.probe_images} probe images; transfer {len(self.seeds)} seed(s). "
+                f"{self.pretrain_data}{crop}; {self.probe_images} probe images; transfer {len(self.seeds)} paired seed(s) x "
+                f"{self._transfer_steps_text()} steps. "
                 "This is a small-scale study, not the paper's ViT-B/16 at 224 px on ImageNet.")
+
+    def _transfer_steps_text(self) -> str:
+        steps = [self.transfer_steps.get(t) for t in self.tasks]
+        if len(set(steps)) == 1:
+            return str(steps[0])
+        return ", ".join(f"{t} {n}" for t, n in zip(self.tasks, steps))
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))
@@ -121,12 +128,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # pretraining / 60 transfer steps in a slow hour (too close); fresh-clone totals 7.0 min with 150 / 40 and
     # 6.2 min with these 120 / 30; the VM's speed varies by up to 1.8x
     "quick": {"description": "smoke-scale run of the whole study (minutes on a laptop CPU)"},
-    # ~1 hour on a 2-core CPU: 10x the pretraining (2 x ~20 min), 3 seeds x 10 transfer runs of 120 steps (~45 s each;
-    # 300 steps took ~95 s each, 47 min in all). 20 classes: in 600 steps the supervised model reaches
-    # 12% held-out top-1 on 20 classes (chance 5%) but only 1.6% on 100 (chance 1%; benchmarks/RESULTS.md)
-    "cpu": {"description": "about an hour on a 2-core CPU", "pretrain_steps": 2000, "pretrain_batch_size": 64,
+    # 36 min on the 2-core VM (2026-12-08; 66 min for 3 seeds on a slower day): 10x the pretraining (591 + 473 s),
+    # 5 paired seeds x 10 transfer runs of 120 steps (22 s each). 5 seeds, not 3: the paired intervals then decide
+    # keypoints, tracking and C6 (benchmarks/RESULTS.md, "5 paired seeds"). 20 classes: in 600 steps the supervised
+    # model reaches 12% held-out top-1 on 20 classes (chance 5%) but only 1.6% on 100 (chance 1%)
+    "cpu": {"description": "about 40 minutes on a 2-core CPU", "pretrain_steps": 2000, "pretrain_batch_size": 64,
             "pretrain_data": "builtin:fractal-leaves?classes=20&per_class=250&seed=0", "probe_images": 256,
-            "seeds": (0, 1, 2), "transfer_steps": {"classify": 120, "keypoints": 120, "depth": 120, "track": 120},
+            "seeds": (0, 1, 2, 3, 4),
+            "transfer_steps": {"classify": 120, "keypoints": 120, "depth": 120, "track": 120},
             "methods": ("simmim", "supervised"), "transfer_models": ("simmim", "supervised")},
     # a lent H100: ViT-S/16-like at 64 px (8x8 grid... 16x16 with patch 4), ~5 minutes of pretraining per model
     "gpu": {"description": "one GPU, about 5 minutes of pretraining per model", "device": "cuda",
