@@ -56,8 +56,9 @@ def collect(root: Path, steps_of: dict[str, int] | None = None) -> dict[tuple[st
 
 
 def run_grid(study_dir: Path, out: Path, tasks: list[str], steps_list: list[int], seeds: list[int],
-             labels: list[str]) -> None:
-    """The study's own transfer runs (its checkpoints, data and every other setting) at other step counts."""
+             labels: list[str], data: dict[str, str] | None = None) -> None:
+    """The study's own transfer runs (its checkpoints, data and every other setting) at other step counts; `data`
+    replaces a task's dataset (e.g. a larger evaluation split)."""
     import dataclasses
 
     from mimlab.reproduce.pipeline import Study
@@ -74,8 +75,8 @@ def run_grid(study_dir: Path, out: Path, tasks: list[str], steps_list: list[int]
                     d = out / f"steps{steps}" / label / task / f"s{seed}"
                     if (d / "metrics.json").is_file():
                         continue
-                    tcfg = study.transfer_config(base, study.model_path(base), task, seed, study.data_path(task),
-                                                 int(drop or 0), d)
+                    path = (data or {}).get(task) or study.data_path(task)
+                    tcfg = study.transfer_config(base, study.model_path(base), task, seed, path, int(drop or 0), d)
                     run_transfer(dataclasses.replace(tcfg, steps=steps, overwrite=True, progress=False))
                     print(f"ran {d}", flush=True)
 
@@ -143,6 +144,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="classify,keypoints,depth,track")
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--labels", default="simmim,supervised")
+    ap.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                    help="run a task on another dataset (only the runs of --out use it)")
     args = ap.parse_args()
     summary = json.loads((args.study / "summary.json").read_text())
     drop_k = summary["config"]["ablation_blocks"]
@@ -150,7 +153,7 @@ def main() -> None:
         if args.out is None:
             ap.error("--steps needs --out")
         run_grid(args.study, args.out, args.tasks.split(","), [int(s) for s in args.steps.split(",")],
-                 _seeds(args.seeds), args.labels.split(","))
+                 _seeds(args.seeds), args.labels.split(","), dict(d.split("=", 1) for d in args.data))
     runs = collect(args.study / "stages" / "transfer")
     if args.out is not None:
         for d in sorted(args.out.glob("steps*")):

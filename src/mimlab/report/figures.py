@@ -432,7 +432,7 @@ class PairedComparison:
     """One task comparison of a claim: per-seed differences in the better direction, their paired 95% interval,
     the rule's threshold (0, or -margin for non-inferiority) and the verdict."""
     name: str                  # e.g. "C4 keypoints"
-    ylabel: str                # e.g. "simmim better than supervised by (rmse)"
+    ylabel: str                # e.g. "simmim better by\n(rmse vs supervised)"
     seeds: list[int]
     differences: list[float]
     ci: tuple[float, float] | None

@@ -86,8 +86,8 @@ def paired_comparisons(claims: dict[str, Any]) -> list[Any]:
             if not v.get("differences"):
                 continue
             a, b = v.get("compared", ["", ""])
-            unit = f"{v['metric']} / {b}'s mean" if v.get("relative") else v["metric"]
-            out.append(PairedComparison(name=f"{cid} {task}", ylabel=f"{a} better than {b} by ({unit})",
+            unit = f"{v['metric']}, relative to {b}" if v.get("relative") else f"{v['metric']} vs {b}"
+            out.append(PairedComparison(name=f"{cid} {task}", ylabel=f"{a} better by\n({unit})",
                                         seeds=v["seeds"],
                                         differences=v["differences"], ci=tuple(v["ci"]) if v.get("ci") else None,
                                         threshold=v.get("threshold", 0.0), verdict=v.get("verdict", "inconclusive")))
