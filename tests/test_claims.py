@@ -140,5 +140,6 @@ def test_gate_makes_claims_inconclusive_and_says_why():
                              gates={"mim": g, "sup": {"ok": True, "reason": ""}}, mim="mim", sup="sup",
                              sup_drop=None, drop_k=2)
     assert claims["C1"].verdict == INCONCLUSIVE and claims["C1"].values["verdict_before_gate"] == HOLDS
-    assert "not trained enough" in claims["C1"].reason
+    assert "not trained enough" in claims["C1"].reason and claims["C1"].gated_by == ["mim"]
+    assert claims["C1"].to_dict()["gated_by"] == ["mim"]
     assert set(claims) == {"C1", "C2", "C3", "C4", "C5"}

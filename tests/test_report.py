@@ -525,3 +525,13 @@ def test_paired_differences_figure_from_a_study_summary(tmp_path):
     assert titles == ["C4 keypoints: holds", "C4 depth: inconclusive", "C4 track: inconclusive", "C5 classify: holds"]
     png = save_figure(fig, tmp_path / "paired")
     assert png.is_file() and png.stat().st_size > 5_000
+
+
+def test_gated_models_from_the_field_or_an_older_summarys_reason():
+    from mimlab.report.study import gated_models
+
+    gates = {"simmim": {"ok": False}, "supervised": {"ok": False}, "mae": {"ok": True}}
+    assert gated_models({"gated_by": ["supervised"], "reason": "not trained enough to compare — simmim: x"},
+                        gates) == ["supervised"]                                   # the field wins
+    assert gated_models({"reason": "not trained enough to compare — simmim: loss 0.95x"}, gates) == ["simmim"]
+    assert gated_models({"reason": ""}, gates) == []

@@ -202,3 +202,4 @@ def test_pretrain_stage_killed_after_its_last_checkpoint_records_the_same_loss(t
     assert first["final_loss"] is not None and len(first["losses_head"]) == 4
     for k in ("steps", "final_loss", "losses_head", "model"):
         assert again[k] == first[k], k
+    assert again["img_per_s"] is not None and again["img_per_s"] > 0   # from the logged intervals

@@ -5,7 +5,7 @@ import csv
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,16 +37,18 @@ def truncate_csv(path: Path, keep_through_step: int) -> None:
 
 @dataclass
 class LossLog:
-    """The step and loss columns of a run's ``metrics.csv``: its whole history, resumed attempts included."""
+    """The step and loss columns of a run's ``metrics.csv``: its whole history, resumed attempts included; with the
+    throughput of each logged interval (``img_per_s``, where the row has one)."""
     steps: list[int]
     losses: list[float]
+    img_per_s: list[float] = field(default_factory=list)
 
 
 def read_loss_log(path: str | os.PathLike) -> LossLog:
     """Read ``metrics.csv`` (rows without a finite loss skipped); the in-memory ``TrainResult.losses`` holds only the
     steps of the last call, so a resumed run's history comes from here."""
     p = Path(path)
-    steps, losses = [], []
+    steps, losses, rates = [], [], []
     try:
         with open(p, newline="") as f:
             reader = csv.DictReader(f)
@@ -60,9 +62,15 @@ def read_loss_log(path: str | os.PathLike) -> LossLog:
                 if math.isfinite(loss):
                     steps.append(step)
                     losses.append(loss)
+                try:
+                    rate = float(row.get("img_per_s") or "nan")
+                except ValueError:
+                    rate = float("nan")
+                if math.isfinite(rate) and rate > 0:
+                    rates.append(rate)
     except OSError as e:
         raise MimlabError(f"{p}: cannot read the training log ({e.strerror})") from e
-    return LossLog(steps, losses)
+    return LossLog(steps, losses, rates)
 
 
 class CsvLog:

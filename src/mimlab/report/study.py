@@ -137,8 +137,12 @@ def mask_text(mask: dict[str, Any] | None) -> str:
 GATE_PREFIX = "not trained enough to compare"
 
 
-def gated_models(reason: str, gates: dict[str, Any]) -> list[str]:
-    """The models whose failed gate a claim's reason cites ('... — simmim: ...; supervised: ...')."""
+def gated_models(claim: dict[str, Any], gates: dict[str, Any]) -> list[str]:
+    """The models whose failed gate made a claim inconclusive: its `gated_by` list, or, in a summary written before
+    that field existed, the models its reason cites ('... — simmim: ...; supervised: ...')."""
+    if "gated_by" in claim:
+        return list(claim["gated_by"])
+    reason = claim.get("reason", "")
     if not reason.startswith(GATE_PREFIX):
         return []
     return [m for m, g in gates.items() if not g.get("ok") and f"{m}:" in reason]
@@ -204,7 +208,7 @@ def write_study_report(summary: dict[str, Any], probe: dict[str, str], out: Path
                        "its interval clears the threshold.</figcaption></figure>")
     claims_rows = []
     for cid, c in summary["claims"].items():
-        gated = gated_models(c.get("reason", ""), summary["gates"])
+        gated = gated_models(c, summary["gates"])
         tag = f"gated: {', '.join(gated)} (see above)" if gated else c.get("reason", "")
         claims_rows.append([esc(cid), esc(c["text"]), _verdict_badge(c["verdict"]), esc(c["statistic"]),
                             _fmt_values(c["values"]), esc(c["rule"]), esc(tag)])

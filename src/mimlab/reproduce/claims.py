@@ -188,19 +188,21 @@ class Claim:
     rule: str
     values: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    gated_by: list[str] = field(default_factory=list)     # the models whose failed gate made it inconclusive
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "text": self.text, "statistic": self.statistic, "rule": self.rule,
-                "values": self.values, "reason": self.reason}
+                "values": self.values, "reason": self.reason, "gated_by": self.gated_by}
 
 
 def _gated(claim: Claim, gates: dict[str, dict[str, Any]], models: Sequence[str]) -> Claim:
-    failed = [f"{m}: {gates[m]['reason']}" for m in models if m in gates and not gates[m]["ok"]]
-    if failed and claim.verdict != INCONCLUSIVE:
+    gated = [m for m in models if m in gates and not gates[m]["ok"]]
+    if gated and claim.verdict != INCONCLUSIVE:
         claim.values["verdict_before_gate"] = claim.verdict
         claim.verdict = INCONCLUSIVE
-    if failed:
-        claim.reason = "not trained enough to compare — " + "; ".join(failed)
+    if gated:
+        claim.gated_by = gated
+        claim.reason = "not trained enough to compare — " + "; ".join(f"{m}: {gates[m]['reason']}" for m in gated)
     return claim
 
 

@@ -9,6 +9,7 @@ what keys its cache. The report is rebuilt on every run from the stage outputs (
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -115,9 +116,13 @@ class Study:
 
             res = pretrain(dataclasses.replace(pcfg, resume=_interrupted(d)))
             run = res.run or {}
-            losses = read_loss_log(res.out / "metrics.csv").losses  # the whole run: res.losses has only this attempt's
+            log = read_loss_log(res.out / "metrics.csv")   # the whole run: res.losses has only this attempt's
+            losses = log.losses
+            rate = res.img_per_s
+            if rate is None and log.img_per_s:             # an attempt that trained nothing: the logged intervals'
+                rate = float(statistics.median(log.img_per_s))
             return {"model": str(res.model_path), "steps": res.step, "final_loss": _tail_mean(losses),
-                    "img_per_s": res.img_per_s, "img_per_s_with_warmup": res.train.img_per_s_with_warmup,
+                    "img_per_s": rate, "img_per_s_with_warmup": res.train.img_per_s_with_warmup,
                     "mask": (run.get("method_config") or {}).get("mask"),
                     "losses_head": losses[:10]}
 
