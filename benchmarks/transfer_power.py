@@ -18,7 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
-from mimlab.reproduce.claims import TASK_METRIC, Thresholds, paired_interval, t80, t975, welch_interval
+from mimlab.reproduce.claims import TASK_METRIC, Thresholds, t80, t975, task_compare
 
 COMPARISONS = {   # claim -> (model a, model b, margin, relative)
     "C4": ("simmim", "supervised", 0.0, False),
@@ -82,36 +82,32 @@ def run_grid(study_dir: Path, out: Path, tasks: list[str], steps_list: list[int]
 
 
 def analyse(runs: dict[tuple[str, str, int], dict[int, dict]], drop_k: int) -> list[dict]:
+    """Each comparison of the claims at each step count, by the claims' own rule (`claims.task_compare`), with the
+    spreads and costs behind it."""
     rows = []
+    th = Thresholds()
     steps_all = sorted({s for (_, _, s) in runs})
     for claim, (a, b, margin, relative) in COMPARISONS.items():
         a = a.format(k=drop_k)
         for task in CLAIM_TASKS[claim]:
-            metric, higher = TASK_METRIC[task]
-            sign = 1.0 if higher else -1.0
+            metric = TASK_METRIC[task][0]
             for steps in steps_all:
                 ra, rb = runs.get((a, task, steps), {}), runs.get((b, task, steps), {})
                 seeds = sorted(set(ra) & set(rb))
                 if len(seeds) < 2:
                     continue
-                va = [ra[s]["metrics"][metric] for s in seeds]
-                vb = [rb[s]["metrics"][metric] for s in seeds]
-                scale = abs(statistics.mean(vb)) if relative else 1.0
-                diffs = [sign * (x - y) / scale for x, y in zip(va, vb)]
-                iv = paired_interval(diffs)
-                w = welch_interval([sign * x / scale for x in va], [sign * y / scale for y in vb])
-                sd_d = statistics.stdev(diffs)
-                gap = abs(iv.estimate + margin)          # distance of the observed effect from the threshold -margin
+                values = {m: {task: {s: r[s]["metrics"][metric] for s in seeds}} for m, r in ((a, ra), (b, rb))}
+                c = task_compare(values, task, a, b, th, margin=margin, relative=relative)
+                sd_d = statistics.stdev(c["differences"])
                 secs = statistics.mean([ra[s]["_seconds"] for s in seeds] + [rb[s]["_seconds"] for s in seeds])
                 rows.append({"claim": claim, "task": task, "metric": metric + ("/mean" if relative else ""),
-                             "steps": steps, "n": len(seeds), "mean_a": statistics.mean(va),
-                             "mean_b": statistics.mean(vb), "sd_a": statistics.stdev(va),
-                             "sd_b": statistics.stdev(vb), "sd_diff": sd_d,
-                             "welch_half": (w[2] - w[1]) / 2, "paired_half": (iv.hi - iv.lo) / 2,
-                             "effect": iv.estimate, "ci": (iv.lo, iv.hi), "detectable": iv.detectable,
-                             "seeds_needed": seeds_needed(sd_d, gap), "run_s": secs,
-                             "verdict": "holds" if iv.lo > -margin else "does_not_hold" if iv.hi < -margin
-                             else "inconclusive"})
+                             "steps": steps, "n": len(seeds), "mean_a": c[f"mean_{a}"], "mean_b": c[f"mean_{b}"],
+                             "sd_a": statistics.stdev(c[a]), "sd_b": statistics.stdev(c[b]), "sd_diff": sd_d,
+                             "welch_half": (c["welch_ci"][1] - c["welch_ci"][0]) / 2,
+                             "paired_half": (c["ci"][1] - c["ci"][0]) / 2, "effect": c["better_by"],
+                             "ci": tuple(c["ci"]), "detectable": c["detectable"],
+                             "seeds_needed": seeds_needed(sd_d, abs(c["better_by"] + margin)), "run_s": secs,
+                             "verdict": c["verdict"]})
     return rows
 
 

@@ -264,7 +264,7 @@ def _by_seed(v: Sequence[float] | dict[Any, float] | None) -> dict[Any, float]:
     return dict(v) if isinstance(v, dict) else dict(enumerate(v))
 
 
-def _task_compare(values: dict[str, dict[str, Any]], task: str, a: str, b: str, th: Thresholds,
+def task_compare(values: dict[str, dict[str, Any]], task: str, a: str, b: str, th: Thresholds,
                   margin: float = 0.0, relative: bool = False) -> dict[str, Any]:
     """Compare model a vs b on a task in its 'better' direction: the paired t interval of the per-seed differences
     (a_s - b_s) * sign, divided by |mean(b)| if relative. Welch's interval of the same numbers is kept beside it
@@ -296,7 +296,7 @@ def _task_compare(values: dict[str, dict[str, Any]], task: str, a: str, b: str, 
 
 
 def claim_c4(values, mim: str, sup: str, th: Thresholds) -> Claim:
-    per = {t: _task_compare(values, t, mim, sup, th) for t in ("keypoints", "depth", "track")}
+    per = {t: task_compare(values, t, mim, sup, th) for t in ("keypoints", "depth", "track")}
     vs = [p["verdict"] for p in per.values()]
     verdict = HOLDS if all(v == HOLDS for v in vs) else NOT if any(v == NOT for v in vs) else INCONCLUSIVE
     return Claim("C4", "MIM is better on keypoints (AP), depth (RMSE) and tracking (SUC)", verdict,
@@ -306,7 +306,7 @@ def claim_c4(values, mim: str, sup: str, th: Thresholds) -> Claim:
 
 
 def claim_c5(values, mim: str, sup: str, th: Thresholds) -> Claim:
-    c = _task_compare(values, "classify", mim, sup, th, margin=th.noninferiority)
+    c = task_compare(values, "classify", mim, sup, th, margin=th.noninferiority)
     return Claim("C5", "MIM is at least as good on fine-grained classification", c["verdict"],
                  f"top-1, per-seed difference {mim} - {sup}; paired t 95% interval",
                  f"non-inferiority: holds if the interval lies above -{th.noninferiority}, does_not_hold if below",
@@ -314,7 +314,7 @@ def claim_c5(values, mim: str, sup: str, th: Thresholds) -> Claim:
 
 
 def claim_c6(values, sup: str, sup_drop: str, th: Thresholds, k: int) -> Claim:
-    per = {t: _task_compare(values, t, sup_drop, sup, th, margin=th.relative_margin, relative=True)
+    per = {t: task_compare(values, t, sup_drop, sup, th, margin=th.relative_margin, relative=True)
            for t in ("keypoints", "depth")}
     vs = [p["verdict"] for p in per.values()]
     verdict = HOLDS if all(v == HOLDS for v in vs) else NOT if any(v == NOT for v in vs) else INCONCLUSIVE
