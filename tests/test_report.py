@@ -520,6 +520,8 @@ def test_paired_differences_figure_from_a_study_summary(tmp_path):
     assert kp.seeds == [0, 1, 2] and kp.differences == pytest.approx([0.09, 0.11, 0.08]) and kp.verdict == "holds"
     assert comps[1].differences == pytest.approx([0.1, 0.08])   # depth: lower RMSE is better; 2 seeds, t(1) = 12.7
     assert comps[2].ci is None and comps[3].threshold == -0.01
+    from mimlab.report.study import VERDICT_COLOUR
+    assert comps[0].color == VERDICT_COLOUR["holds"] and comps[2].color == VERDICT_COLOUR["inconclusive"]
     fig = paired_differences_figure(comps)
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert titles == ["C4 keypoints: holds", "C4 depth: inconclusive", "C4 track: inconclusive", "C5 classify: holds"]

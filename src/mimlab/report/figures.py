@@ -438,9 +438,7 @@ class PairedComparison:
     ci: tuple[float, float] | None
     threshold: float
     verdict: str
-
-
-VERDICT_COLORS = {"holds": "#1b7837", "does_not_hold": "#b00020", "inconclusive": "#8a6d00"}
+    color: str = "#555555"     # the verdict's colour (the report's badges)
 
 
 def paired_differences_figure(comparisons: Sequence[PairedComparison],
@@ -449,7 +447,7 @@ def paired_differences_figure(comparisons: Sequence[PairedComparison],
     line and the rule's threshold dashed when it is not 0; the panel's frame coloured by the verdict."""
     fig, axes = _panel_grid(max(len(comparisons), 1), panel_w=2.6, panel_h=2.5, sharey=False)
     for ax, c in zip(axes, comparisons):
-        color = VERDICT_COLORS.get(c.verdict, "#555555")
+        color = c.color
         xs = list(range(len(c.differences)))
         ax.scatter(xs, c.differences, s=22, color="#333333", zorder=3)
         right = len(xs) + 0.3

@@ -90,7 +90,8 @@ def paired_comparisons(claims: dict[str, Any]) -> list[Any]:
             out.append(PairedComparison(name=f"{cid} {task}", ylabel=f"{a} better by\n({unit})",
                                         seeds=v["seeds"],
                                         differences=v["differences"], ci=tuple(v["ci"]) if v.get("ci") else None,
-                                        threshold=v.get("threshold", 0.0), verdict=v.get("verdict", "inconclusive")))
+                                        threshold=v.get("threshold", 0.0), verdict=v.get("verdict", "inconclusive"),
+                                        color=VERDICT_COLOUR.get(v.get("verdict", "inconclusive"), "#555555")))
     return out
 
 
