@@ -265,7 +265,7 @@ def _by_seed(v: Sequence[float] | dict[Any, float] | None) -> dict[Any, float]:
 
 
 def task_compare(values: dict[str, dict[str, Any]], task: str, a: str, b: str, th: Thresholds,
-                  margin: float = 0.0, relative: bool = False) -> dict[str, Any]:
+                 margin: float = 0.0, relative: bool = False) -> dict[str, Any]:
     """Compare model a vs b on a task in its 'better' direction: the paired t interval of the per-seed differences
     (a_s - b_s) * sign, divided by |mean(b)| if relative. Welch's interval of the same numbers is kept beside it
     (`welch_ci`) to show what pairing bought."""
